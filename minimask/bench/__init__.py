@@ -1,0 +1,1 @@
+"""Benchmarks behind ``minimask bench``: they print numbers; no test asserts on time."""

@@ -1,0 +1,165 @@
+"""Shape ops: reshape, transpose, indexing, concatenation, stacking.
+
+They move numbers without changing them, so each backward moves the gradient back the same
+way: reshape it back, transpose it by the inverse permutation, scatter it into the indexed
+places, split it along the concatenated axis.
+"""
+
+import numpy as np
+
+from ..backend import get_array_module, scatter_add
+from ..tensor import Function, Tensor
+
+
+class Reshape(Function):
+    """y = x viewed as ``shape``;  dx = gy viewed as x's shape."""
+
+    def __init__(self, shape):
+        self.shape = shape
+
+    def forward(self, x):
+        self.in_shape = x.shape
+        return x.reshape(self.shape)
+
+    def backward(self, gy):
+        return gy.reshape(self.in_shape)
+
+
+class Transpose(Function):
+    """y = x with axes permuted;  dx = gy permuted by the inverse permutation."""
+
+    def __init__(self, axes=None):
+        self.axes = axes
+
+    def forward(self, x):
+        self.ndim = x.ndim
+        return x.transpose(self.axes)
+
+    def backward(self, gy):
+        if self.axes is None:
+            return gy.transpose()
+        inverse = np.argsort([a % self.ndim for a in self.axes])
+        return gy.transpose(tuple(int(i) for i in inverse))
+
+
+def _plain_key(key):
+    """Index key with Tensors replaced by their arrays."""
+    if isinstance(key, tuple):
+        return tuple(k.data if isinstance(k, Tensor) else k for k in key)
+    return key.data if isinstance(key, Tensor) else key
+
+
+def _has_int_array(key):
+    keys = key if isinstance(key, tuple) else (key,)
+    return any(hasattr(k, "dtype") and k.dtype.kind in "iu" or isinstance(k, list) for k in keys)
+
+
+class GetItem(Function):
+    """y = x[key] (ints, slices, integer arrays, boolean masks);  dx = zeros, gy placed at key.
+
+    Integer arrays may repeat an index (x[[0, 0]]): those gradients must add up, so they go
+    through a scatter-add; other keys pick each element at most once and a plain assignment
+    does.
+    """
+
+    def __init__(self, key):
+        self.key = key
+
+    def forward(self, x):
+        self.in_shape, self.in_dtype = x.shape, x.dtype
+        return x[self.key]
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        gx = xp.zeros(self.in_shape, dtype=gy.dtype)
+        if _has_int_array(self.key):
+            scatter_add(gx, self.key, gy)
+        else:
+            gx[self.key] = gy
+        return gx
+
+
+class Concat(Function):
+    """y = concatenation of xs along ``axis``;  dx_i = the slice of gy that came from x_i."""
+
+    def __init__(self, axis=0):
+        self.axis = axis
+
+    def forward(self, *xs):
+        self.sizes = [x.shape[self.axis] for x in xs]
+        return get_array_module(*xs).concatenate(xs, axis=self.axis)
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        cuts = np.cumsum(self.sizes)[:-1].tolist()
+        return tuple(xp.split(gy, cuts, axis=self.axis))
+
+
+class Stack(Function):
+    """y = xs stacked along a new ``axis``;  dx_i = gy taken at index i of that axis."""
+
+    def __init__(self, axis=0):
+        self.axis = axis
+
+    def forward(self, *xs):
+        return get_array_module(*xs).stack(xs, axis=self.axis)
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        return tuple(xp.take(gy, i, axis=self.axis) for i in range(gy.shape[self.axis]))
+
+
+class Pad(Function):
+    """y = x with zeros around its last two axes;  dx = the interior of gy."""
+
+    def __init__(self, pad):  # pad = (top, bottom, left, right)
+        self.pad = pad
+
+    def forward(self, x):
+        t, b, l, r = self.pad
+        widths = [(0, 0)] * (x.ndim - 2) + [(t, b), (l, r)]
+        self.in_shape = x.shape
+        return get_array_module(x).pad(x, widths)
+
+    def backward(self, gy):
+        t, _, l, _ = self.pad
+        h, w = self.in_shape[-2:]
+        return gy[..., t:t + h, l:l + w]
+
+
+def reshape(x, shape):
+    return Reshape(tuple(shape))(x)
+
+
+def transpose(x, axes=None):
+    return Transpose(None if axes is None else tuple(axes))(x)
+
+
+permute = transpose
+
+
+def flatten(x, start_dim=1):
+    return Reshape(tuple(x.shape[:start_dim]) + (-1,))(x)
+
+
+def getitem(x, key):
+    return GetItem(_plain_key(key))(x)
+
+
+def concat(xs, axis=0):
+    xs = list(xs)
+    if len(xs) == 1:
+        return xs[0] if isinstance(xs[0], Tensor) else Tensor(xs[0])
+    return Concat(axis)(*xs)
+
+
+cat = concat
+
+
+def stack(xs, axis=0):
+    return Stack(axis)(*xs)
+
+
+def pad2d(x, pad):
+    """Zero-pad the last two axes by ``(top, bottom, left, right)``."""
+    return Pad(tuple(int(p) for p in pad))(x)
