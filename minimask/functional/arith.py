@@ -141,7 +141,7 @@ class Abs(Function):
 
     def forward(self, x):
         self.x = x
-        return abs(x)
+        return get_array_module(x).abs(x)
 
     def backward(self, gy):
         return gy * get_array_module(self.x).sign(self.x)
