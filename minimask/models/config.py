@@ -1,0 +1,191 @@
+"""Configuration: one flat dataclass, named presets, and ``key=value`` overrides.
+
+Every number of the paper's Sec. 3.1 ("Implementation Details") lives here, under the names
+torchvision's ``MaskRCNN`` arguments use where one exists, so a reader can look each up there.
+Where torchvision and Detectron2 differ the default is torchvision's (so its weights can be
+imported) and the comment names Detectron2's value.
+
+    cfg = preset("shapes")
+    cfg = dataclasses.replace(cfg, lr=0.01)        # in code
+    cfg = override(cfg, ["lr=0.01", "iters=500"])  # from the command line (--set key=value)
+"""
+
+import ast
+import dataclasses
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MaskRCNNConfig:
+    # ---- classes and input transform (torchvision's GeneralizedRCNNTransform) -----------
+    num_classes: int = 91                # including background (class 0), as torchvision
+    class_names: tuple = ()              # names of classes 1..K, for drawings
+    min_size: tuple = (800,)             # shorter side; several values = multi-scale training
+    max_size: int = 1333                 # cap on the longer side
+    image_mean: tuple = (0.485, 0.456, 0.406)  # on RGB in [0, 1] (Detectron2: BGR pixel means)
+    image_std: tuple = (0.229, 0.224, 0.225)
+    size_divisible: int = 32             # pad the batch so every FPN level divides evenly
+
+    # ---- backbone: ResNet (Sec. 3, "Network Architecture") + FPN ------------------------
+    depth: int = 50                      # 18, 34, 50, 101
+    width: int = 64                      # channels of the stem; stages have width*(1,2,4,8)*expansion
+    norm: str = "frozen_bn"              # "frozen_bn" (pretrained backbone) or "bn" (from scratch)
+    freeze_at: int = 2                   # 0: train all; 1: freeze stem; 2: stem + res2 (as the paper)
+    fpn_out_channels: int = 256
+
+    # ---- anchors and RPN (Faster R-CNN Sec. 3.1; FPN Sec. 4.1) --------------------------
+    anchor_sizes: tuple = ((32,), (64,), (128,), (256,), (512,))  # one size per level P2..P6
+    aspect_ratios: tuple = (0.5, 1.0, 2.0)
+    rpn_pre_nms_top_n_train: int = 2000  # per level, before NMS
+    rpn_pre_nms_top_n_test: int = 1000
+    rpn_post_nms_top_n_train: int = 2000  # per image, after NMS
+    rpn_post_nms_top_n_test: int = 1000
+    rpn_nms_thresh: float = 0.7
+    rpn_fg_iou_thresh: float = 0.7
+    rpn_bg_iou_thresh: float = 0.3
+    rpn_batch_size_per_image: int = 256
+    rpn_positive_fraction: float = 0.5
+    rpn_min_size: float = 1e-3           # proposals narrower than this are dropped
+    rpn_score_thresh: float = 0.0
+
+    # ---- RoI heads (Sec. 3.1: 512 RoIs per image, 1:3 positive to negative) ------------
+    box_fg_iou_thresh: float = 0.5
+    box_bg_iou_thresh: float = 0.5
+    box_batch_size_per_image: int = 512
+    box_positive_fraction: float = 0.25
+    bbox_reg_weights: tuple = (10.0, 10.0, 5.0, 5.0)
+    box_pool_size: int = 7
+    box_head_dim: int = 1024             # the two fc layers of the box head
+    box_score_thresh: float = 0.05
+    box_nms_thresh: float = 0.5
+    box_detections_per_img: int = 100
+    mask_pool_size: int = 14
+    mask_head_dim: int = 256
+    mask_head_convs: int = 4             # four 3x3 convs (Fig. 4, right)
+    mask_threshold: float = 0.5          # Sec. 3.1: "binarized at a threshold of 0.5"
+    sampling_ratio: int = 2              # RoIAlign samples per bin side (Detectron2: 0 = adaptive)
+    aligned: bool = False                # torchvision: False; Detectron2 ROIAlignV2: True
+
+    # ---- the paper's ablations (Table 2) as switches -----------------------------------
+    pooler_type: str = "roialign"        # "roialign" | "roipool" | "roiwarp"   (Table 2c)
+    mask_loss: str = "sigmoid"           # "sigmoid" | "softmax"                 (Table 2b)
+    class_agnostic_masks: bool = False   # Table 2b/Sec. 4.2: class-specific vs agnostic
+    mask_head_type: str = "fcn"          # "fcn" | "mlp"                         (Table 2e)
+
+    # ---- training (Sec. 3.1: SGD, momentum 0.9, weight decay 1e-4) ---------------------
+    batch_size: int = 2
+    iters: int = 90000
+    lr: float = 0.02
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    milestones: tuple = (60000, 80000)
+    gamma: float = 0.1
+    warmup_iters: int = 1000
+    warmup_factor: float = 0.001
+    hflip_prob: float = 0.5
+    seed: int = 0
+    checkpoint_period: int = 5000
+    eval_period: int = 0                 # 0: only at the end
+    keep_checkpoints: int = 3
+
+    def __post_init__(self):
+        check(self)
+
+
+CHOICES = {
+    "depth": (18, 34, 50, 101),
+    "norm": ("frozen_bn", "bn"),
+    "pooler_type": ("roialign", "roipool", "roiwarp"),
+    "mask_loss": ("sigmoid", "softmax"),
+    "mask_head_type": ("fcn", "mlp"),
+}
+
+
+def check(cfg):
+    """Raise ValueError naming the field and the valid values for a bad setting."""
+    for name, valid in CHOICES.items():
+        if getattr(cfg, name) not in valid:
+            raise ValueError(f"config: {name}={getattr(cfg, name)!r} is not one of {list(valid)}")
+    if cfg.num_classes < 2:
+        raise ValueError(f"config: num_classes={cfg.num_classes} must count background and at least one class")
+    if not 0 <= cfg.freeze_at <= 5:
+        raise ValueError(f"config: freeze_at={cfg.freeze_at} must be in 0..5")
+    if len(cfg.anchor_sizes) != 5:
+        raise ValueError(f"config: anchor_sizes needs one entry per level P2..P6, got {len(cfg.anchor_sizes)}")
+    for name in ("lr", "batch_size", "iters", "max_size", "fpn_out_channels", "width"):
+        if getattr(cfg, name) <= 0:
+            raise ValueError(f"config: {name}={getattr(cfg, name)!r} must be positive")
+
+
+def _shapes():
+    """Small and CPU-friendly: 128 px synthetic shapes, a narrow ResNet-18-FPN from scratch."""
+    return MaskRCNNConfig(
+        num_classes=4, class_names=("circle", "triangle", "square"),
+        min_size=(128,), max_size=128,
+        depth=18, width=16, norm="bn", freeze_at=0, fpn_out_channels=64,
+        anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
+        rpn_pre_nms_top_n_train=600, rpn_pre_nms_top_n_test=300,
+        rpn_post_nms_top_n_train=300, rpn_post_nms_top_n_test=100,
+        rpn_batch_size_per_image=128,
+        box_batch_size_per_image=64, box_head_dim=256, mask_head_dim=64,
+        box_detections_per_img=20,
+        batch_size=8, iters=1500, lr=0.02, milestones=(1100, 1400), warmup_iters=100,
+        checkpoint_period=500, eval_period=0,
+    )
+
+
+def _r50_fpn():
+    """The paper's ResNet-50-FPN with the torchvision/Detectron2 defaults (COCO, 91 classes)."""
+    return MaskRCNNConfig()
+
+
+PRESETS = {"shapes": _shapes, "r50_fpn": _r50_fpn}
+
+
+def preset(name):
+    """The named preset's config; a clear error lists the valid names."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+    return PRESETS[name]()
+
+
+def override(cfg, assignments):
+    """Apply ``["key=value", ...]`` (values parsed as Python literals, else kept as strings)."""
+    changes = {}
+    fields = {f.name: f for f in dataclasses.fields(cfg)}
+    for item in assignments:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        key = key.strip()
+        if key not in fields:
+            raise ValueError(f"--set {key}: no such config field; valid fields: {sorted(fields)}")
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        old = getattr(cfg, key)
+        if isinstance(old, tuple) and not isinstance(value, tuple):
+            value = tuple(value) if isinstance(value, list) else (value,)
+        if isinstance(old, float) and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if type(old) is not type(value):
+            raise ValueError(f"--set {key}={text!r}: expected a {type(old).__name__} like {old!r}")
+        changes[key] = value
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_dict(cfg):
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(d):
+    """Config from a dict (as saved in a checkpoint); lists become tuples again."""
+    def tup(v):
+        return tuple(tup(x) for x in v) if isinstance(v, list) else v
+
+    known = {f.name for f in dataclasses.fields(MaskRCNNConfig)}
+    return MaskRCNNConfig(**{k: tup(v) for k, v in d.items() if k in known})
+
+
+__all__ = ["MaskRCNNConfig", "preset", "override", "PRESETS", "to_dict", "from_dict"]
