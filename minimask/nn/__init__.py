@@ -1,0 +1,12 @@
+"""Modules: layers that hold their weights, as ``torch.nn`` (``from minimask import nn``).
+
+``module.py`` has Module, Parameter, Sequential, ModuleList and atomic ``.npz`` saving;
+``layers.py`` the layers Mask R-CNN uses; ``init.py`` the weight initialisations.
+"""
+
+from . import init
+from .layers import BatchNorm2d, Conv2d, ConvTranspose2d, FrozenBatchNorm2d, Linear, MaxPool2d, ReLU
+from .module import Module, ModuleList, Parameter, Sequential, load_npz, save_npz
+
+__all__ = ["Module", "Parameter", "Sequential", "ModuleList", "Conv2d", "ConvTranspose2d", "Linear",
+           "BatchNorm2d", "FrozenBatchNorm2d", "ReLU", "MaxPool2d", "init", "save_npz", "load_npz"]
