@@ -61,10 +61,12 @@ class Module:
                                  f"call super().__init__() first in {type(self).__name__}.__init__")
         params, buffers, modules = self._parameters, self._buffers, self._modules
         if isinstance(value, Parameter):
-            self._forget(name)
+            if name not in params:  # a replacement keeps its place in the order
+                self._forget(name)
             params[name] = value
         elif isinstance(value, Module):
-            self._forget(name)
+            if name not in modules:
+                self._forget(name)
             modules[name] = value
         elif name in params:
             # Only None may replace a Parameter (a layer built with bias=False): a plain Tensor
