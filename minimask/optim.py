@@ -31,7 +31,8 @@ class SGD:
 
     def __init__(self, params, lr, momentum=0.0, weight_decay=0.0, nesterov=False):
         if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}")
+            raise ValueError(f"lr, momentum and weight_decay must be >= 0, "
+                             f"got {lr}, {momentum}, {weight_decay}")
         self.defaults = dict(lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=nesterov)
         params = list(params)
         if not params:
@@ -191,7 +192,8 @@ class WarmupMultiStepLR:
         self._apply()
 
     def state_dict(self):
-        return {"last_iter": self.last_iter, "base_lrs": list(self.base_lrs), "milestones": list(self.milestones),
+        return {"last_iter": self.last_iter, "base_lrs": list(self.base_lrs),
+                "milestones": list(self.milestones),
                 "gamma": self.gamma, "warmup_iters": self.warmup_iters, "warmup_factor": self.warmup_factor,
                 "warmup_method": self.warmup_method}
 

@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from minimask import F, Tensor, nn
+from minimask import Tensor, nn
 from minimask.nn import init
 from minimask.optim import SGD
 
@@ -39,9 +39,12 @@ BN_BUFFERS = ["running_mean", "running_var", "num_batches_tracked"]
 def test_registration_and_dotted_names():
     m = Net()
     assert [n for n, _ in m.named_parameters()] == PARAMS
-    assert all(isinstance(p, nn.Parameter) and p.requires_grad and p.dtype == np.float32 for p in m.parameters())
-    assert [n for n, _ in m.named_buffers()] == ["step"] + [f"blocks.{i}.bn.{b}" for i in (0, 1) for b in BN_BUFFERS]
-    assert [n for n, _ in m.named_modules()] == ["", "stem", "blocks", "blocks.0", "blocks.0.conv", "blocks.0.bn",
+    assert all(isinstance(p, nn.Parameter) and p.requires_grad and p.dtype == np.float32
+               for p in m.parameters())
+    bn_buffers = [f"blocks.{i}.bn.{b}" for i in (0, 1) for b in BN_BUFFERS]
+    assert [n for n, _ in m.named_buffers()] == ["step"] + bn_buffers
+    assert [n for n, _ in m.named_modules()] == ["", "stem", "blocks",
+                                                "blocks.0", "blocks.0.conv", "blocks.0.bn",
                                                 "blocks.1", "blocks.1.conv", "blocks.1.bn",
                                                 "head", "head.0", "head.1", "head.2"]
     assert list(m.children()) == [m.stem, m.blocks, m.head]
@@ -211,7 +214,8 @@ def test_seed_makes_models_reproducible_and_defaults_as_pytorch():
     assert not np.array_equal(a["stem.weight"], c["stem.weight"])
     # PyTorch's default: weight and bias uniform in +-1/sqrt(fan_in), fan_in = in * kh * kw
     # (for ConvTranspose2d PyTorch's rule reads fan_in from dim 1 of (in, out, kh, kw): out * kh * kw).
-    for layer, fan_in in [(nn.Conv2d(8, 16, 3), 72), (nn.Linear(50, 30), 50), (nn.ConvTranspose2d(6, 10, 2), 40)]:
+    layers = [(nn.Conv2d(8, 16, 3), 72), (nn.Linear(50, 30), 50), (nn.ConvTranspose2d(6, 10, 2), 40)]
+    for layer, fan_in in layers:
         for p in (layer.weight, layer.bias):
             assert np.abs(p.data).max() <= 1 / math.sqrt(fan_in) + 1e-7
             assert np.abs(p.data).max() > 0.8 / math.sqrt(fan_in)
@@ -249,7 +253,8 @@ def _torch_layer_pair(kind, torch, rng):
     if kind == "conv":
         ours, theirs = nn.Conv2d(3, 4, 3, stride=2, padding=1, dilation=1), tnn.Conv2d(3, 4, 3, 2, 1)
     elif kind == "conv_dilated":
-        ours, theirs = nn.Conv2d(3, 4, 3, padding=2, dilation=2, bias=False), tnn.Conv2d(3, 4, 3, 1, 2, 2, bias=False)
+        ours = nn.Conv2d(3, 4, 3, padding=2, dilation=2, bias=False)
+        theirs = tnn.Conv2d(3, 4, 3, 1, 2, 2, bias=False)
     elif kind == "deconv":
         ours, theirs = nn.ConvTranspose2d(3, 4, 2, stride=2), tnn.ConvTranspose2d(3, 4, 2, 2)
     else:
@@ -302,7 +307,8 @@ def test_batchnorm_matches_torch_in_train_and_eval(rng):
     ours.eval()
     theirs.eval()
     x = rng.standard_normal((2, 3, 4, 4)).astype(np.float32)
-    np.testing.assert_allclose(ours(Tensor(x)).data, theirs(torch.tensor(x)).detach().numpy(), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ours(Tensor(x)).data, theirs(torch.tensor(x)).detach().numpy(),
+                               rtol=1e-4, atol=1e-5)
     assert int(ours.num_batches_tracked) == 2  # eval steps do not count
 
 

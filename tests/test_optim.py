@@ -73,8 +73,10 @@ def test_per_group_settings_and_no_decay_group(rng):
     for gw, gb in grads:
         w.grad, b.grad = gw.copy(), gb.copy()
         opt.step()
-    np.testing.assert_allclose(w.data, sgd_by_hand(w0, [g[0] for g in grads], 0.1, 0.9, 0.05, False), rtol=1e-12)
-    np.testing.assert_allclose(b.data, sgd_by_hand(b0, [g[1] for g in grads], 0.3, 0.9, 0.0, False), rtol=1e-12)
+    want_w = sgd_by_hand(w0, [g[0] for g in grads], 0.1, 0.9, 0.05, False)
+    want_b = sgd_by_hand(b0, [g[1] for g in grads], 0.3, 0.9, 0.0, False)  # its own lr, no decay
+    np.testing.assert_allclose(w.data, want_w, rtol=1e-12)
+    np.testing.assert_allclose(b.data, want_b, rtol=1e-12)
 
 
 class ConvBN(nn.Module):
@@ -146,7 +148,8 @@ def test_warmup_multistep_values_by_hand(rng):
     opt = SGD([{"params": [a]}, {"params": [b], "lr": 0.01}], lr=0.02)
     sched = WarmupMultiStepLR(opt, milestones=[10, 20], gamma=0.1, warmup_iters=5, warmup_factor=0.001)
     # factor(it) = (0.001 * (1 - it/5) + it/5 while it < 5, else 1) * 0.1 ** #{milestones <= it}
-    want = {0: 0.001, 2: 0.001 * 0.6 + 0.4, 4: 0.001 * 0.2 + 0.8, 5: 1.0, 9: 1.0, 10: 0.1, 19: 0.1, 20: 0.01, 25: 0.01}
+    want = {0: 0.001, 2: 0.001 * 0.6 + 0.4, 4: 0.001 * 0.2 + 0.8, 5: 1.0, 9: 1.0,
+            10: 0.1, 19: 0.1, 20: 0.01, 25: 0.01}
     seen = {}
     for it in range(26):
         if it in want:
