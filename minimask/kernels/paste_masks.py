@@ -205,8 +205,9 @@ def paste_masks_cupy(masks, boxes, image_shape, threshold):
     if total:
         threads = 256
         blocks = min((total + threads - 1) // threads, 65535)
-        _get_cuda_kernel()((blocks,), (threads,), (masks, boxes, np.int32(n), np.int32(mh), np.int32(mw),
-                                                   np.int32(height), np.int32(width), np.float64(threshold), out))
+        args = (masks, boxes, np.int32(n), np.int32(mh), np.int32(mw), np.int32(height), np.int32(width),
+                np.float64(threshold), out)
+        _get_cuda_kernel()((blocks,), (threads,), args)
     return out
 
 
