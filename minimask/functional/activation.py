@@ -1,17 +1,104 @@
-"""Placeholder: being written (see the issue)."""
+"""Activations: ReLU, sigmoid, softmax and log-softmax.
+
+ReLU is the nonlinearity of every ResNet, FPN and head layer (He et al. 2016; Mask R-CNN Sec. 3,
+"Network Architecture").  Softmax turns the box head's K+1 class scores into probabilities, and
+the per-pixel sigmoid turns mask logits into mask probabilities: the paper's key choice of a
+per-class sigmoid rather than a softmax over classes for masks (Sec. 3, "Mask Representation"
+and Table 2b).
+
+Sigmoid and (log-)softmax call exp, which overflows float32 beyond x ~ 88.  Each is written so
+that exp only ever sees a number <= 0, so any finite logit gives a finite, exact-as-can-be result.
+"""
+
+from ..backend import get_array_module
+from ..tensor import Function
 
 
-def relu(*args, **kwargs):
-    raise NotImplementedError("relu is not written yet")
+def stable_sigmoid(x):
+    """1 / (1 + e^-x) on an array, without overflow: exp only of -|x| (<= 0).
+
+    For x >= 0 use 1 / (1 + e^-x); for x < 0 the same value written as e^x / (1 + e^x).
+    Shared with the losses (binary cross-entropy's gradient is sigmoid(x) - t).
+    """
+    xp = get_array_module(x)
+    e = xp.exp(-xp.abs(x))  # in (0, 1]: never overflows
+    return xp.where(x >= 0, 1 / (1 + e), e / (1 + e))
 
 
-def sigmoid(*args, **kwargs):
-    raise NotImplementedError("sigmoid is not written yet")
+class ReLU(Function):
+    """y = max(x, 0);  dx = gy where x > 0, else 0 (the kink at 0 gets 0, as in PyTorch)."""
+
+    def forward(self, x):
+        self.positive = x > 0
+        return get_array_module(x).maximum(x, 0)  # a Python 0 keeps x's dtype
+
+    def backward(self, gy):
+        return gy * self.positive
 
 
-def softmax(*args, **kwargs):
-    raise NotImplementedError("softmax is not written yet")
+class Sigmoid(Function):
+    """y = 1 / (1 + e^-x);  dx = gy * y * (1 - y)."""
+
+    def forward(self, x):
+        self.y = stable_sigmoid(x)
+        return self.y
+
+    def backward(self, gy):
+        return gy * self.y * (1 - self.y)
 
 
-def log_softmax(*args, **kwargs):
-    raise NotImplementedError("log_softmax is not written yet")
+class Softmax(Function):
+    """y_i = e^(x_i - m) / sum_j e^(x_j - m), m = max_j x_j (subtracting m changes nothing but
+    keeps exp <= 1);  dx_i = y_i (gy_i - sum_j gy_j y_j)."""
+
+    def __init__(self, axis=-1):
+        self.axis = axis
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
+        self.y = e / e.sum(axis=self.axis, keepdims=True)
+        return self.y
+
+    def backward(self, gy):
+        y = self.y
+        return y * (gy - (gy * y).sum(axis=self.axis, keepdims=True))
+
+
+class LogSoftmax(Function):
+    """y_i = x_i - m - log sum_j e^(x_j - m)  (m = max_j x_j);
+    dx_i = gy_i - softmax(x)_i * sum_j gy_j.
+
+    Computing log(softmax) directly would take the log of an underflowed 0 (-inf) for a logit
+    far below the others; this form stays finite.
+    """
+
+    def __init__(self, axis=-1):
+        self.axis = axis
+
+    def forward(self, x):
+        xp = get_array_module(x)
+        shifted = x - x.max(axis=self.axis, keepdims=True)
+        y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
+        self.y = y
+        return y
+
+    def backward(self, gy):
+        xp = get_array_module(gy)
+        return gy - xp.exp(self.y) * gy.sum(axis=self.axis, keepdims=True)
+
+
+def relu(x):
+    return ReLU()(x)
+
+
+def sigmoid(x):
+    return Sigmoid()(x)
+
+
+def softmax(x, axis=-1):
+    return Softmax(axis)(x)
+
+
+def log_softmax(x, axis=-1):
+    return LogSoftmax(axis)(x)
