@@ -168,3 +168,14 @@ def test_cupy_matches_reference(rng):
         assert isinstance(got, cupy.ndarray)
         expected32 = K.paste_masks_reference(masks.astype(np.float32), boxes, (61, 47), threshold)
         np.testing.assert_array_equal(cupy.asnumpy(got), expected32)
+
+
+@pytest.mark.gpu
+def test_probabilities_and_torchvision_mode_on_gpu(rng):
+    import cupy
+
+    masks, boxes = random_case(rng)
+    for mode in ("detectron2", "torchvision"):
+        cpu = paste_masks_in_image(masks, boxes, (37, 53), threshold=None, mode=mode)
+        gpu = paste_masks_in_image(cupy.asarray(masks), cupy.asarray(boxes), (37, 53), None, mode=mode)
+        np.testing.assert_allclose(cupy.asnumpy(gpu), cpu, atol=1e-12)

@@ -157,3 +157,18 @@ def test_single_level_and_empty_and_errors(rng):
         pooler(feats, boxes[:1], image_size=(128, 128))
     with pytest.raises(ValueError, match="pooler_type"):
         MultiScaleRoIAlign(pooler_type="roicrop")
+
+
+@pytest.mark.gpu
+def test_pooler_on_gpu_matches_cpu(rng):
+    feats, boxes = features_and_boxes(rng)
+    pooler = MultiScaleRoIAlign(output_size=3, sampling_ratio=0, aligned=True)
+    cpu = pooler(feats, boxes, image_size=(128, 128))
+    gpu_feats = [minimask.Tensor(f.data, requires_grad=True).to("gpu") for f in feats]
+    gpu = pooler(gpu_feats, boxes, image_size=(128, 128))
+    np.testing.assert_allclose(gpu.numpy(), cpu.data, rtol=1e-10, atol=1e-10)
+    g = rng.standard_normal(cpu.shape)
+    cpu.backward(g)
+    gpu.backward(minimask.Tensor(g).to("gpu").data)
+    for f, fg in zip(feats, gpu_feats):
+        np.testing.assert_allclose(fg.grad.get(), f.grad, rtol=1e-10, atol=1e-10)
