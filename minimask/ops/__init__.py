@@ -1,0 +1,19 @@
+"""Box geometry for detection, on plain NumPy or CuPy arrays (nothing here is differentiated).
+
+- ``boxes``: area, IoU, clipping, small-box removal, the Faster R-CNN box coder.
+- ``anchors``: the RPN's reference boxes over an FPN pyramid.
+- ``matcher``: IoU-based labels for anchors and proposals, and the balanced mini-batch sampler.
+- ``nms``: greedy non-maximum suppression, plain and per group (kernels in ``minimask/kernels``).
+"""
+
+from .anchors import AnchorGenerator
+from .boxes import BoxCoder, box_area, box_iou, clip_boxes, remove_small_boxes
+from .matcher import BalancedPositiveNegativeSampler, Matcher
+from .nms import batched_nms, nms
+
+__all__ = [
+    "box_area", "box_iou", "clip_boxes", "remove_small_boxes", "BoxCoder",
+    "AnchorGenerator",
+    "Matcher", "BalancedPositiveNegativeSampler",
+    "nms", "batched_nms",
+]
