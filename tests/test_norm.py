@@ -148,3 +148,24 @@ def test_eval_and_frozen_against_torch(rng):
         np.testing.assert_allclose(ours_g, theirs_g.numpy(), rtol=1e-4, atol=1e-4)
     frozen = F.frozen_batch_norm(Tensor(x), rm, rv, w, b).data
     np.testing.assert_allclose(frozen, ty.detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_matches_cpu(rng):
+    from minimask import to_device
+
+    x = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    g = rng.standard_normal(x.shape).astype(np.float32)
+    w, b = rng.uniform(0.5, 1.5, 3).astype(np.float32), rng.standard_normal(3).astype(np.float32)
+    for training in (True, False):
+        results = []
+        for device in ("cpu", "gpu"):
+            rm, rv = to_device(np.zeros(3, np.float32), device), to_device(np.ones(3, np.float32), device)
+            a = Tensor(to_device(x, device), requires_grad=True)
+            aw, ab = (Tensor(to_device(v, device), requires_grad=True) for v in (w, b))
+            y = F.batch_norm(a, rm, rv, aw, ab, training=training)
+            y.backward(to_device(g, device))
+            z = F.frozen_batch_norm(Tensor(to_device(x, device)), rm, rv, w, b)
+            results.append([to_device(v, "cpu") for v in (y.data, a.grad, aw.grad, ab.grad, rm, rv, z.data)])
+        for cpu, gpu in zip(*results):
+            np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-5)

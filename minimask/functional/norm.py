@@ -147,7 +147,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("batch_norm: eval mode (training=False) needs running_mean and running_var")
-        return BatchNormEval(_array(running_mean), _array(running_var), eps)(x, weight, bias)
+        # xp.asarray: statistics kept on the other device are copied over (a no-op when already there).
+        mean, var = xp.asarray(_array(running_mean)), xp.asarray(_array(running_var))
+        return BatchNormEval(mean, var, eps)(x, weight, bias)
 
     n = x.size // x.shape[1]  # values per channel
     if n < 2:
@@ -169,10 +171,10 @@ def frozen_batch_norm(x, mean, var, weight, bias, eps=1e-5):
     ``FrozenBatchNorm2d``): y = x * scale + shift; only ``x`` receives a gradient."""
     if x.ndim < 2:
         raise ValueError(f"frozen_batch_norm: input must be (N, C, ...), got shape {tuple(x.shape)}")
-    mean, var, weight, bias = (_array(v) for v in (mean, var, weight, bias))
+    xp = get_array_module(x)
+    mean, var, weight, bias = (xp.asarray(_array(v)) for v in (mean, var, weight, bias))
     for name, v in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
         _check(x, f"frozen_batch_norm {name}", v)
-    xp = get_array_module(x, mean)
     scale = weight / xp.sqrt(var + eps)
     shift = bias - mean * scale
     return FrozenBatchNorm(scale, shift)(x)
