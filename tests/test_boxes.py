@@ -62,8 +62,8 @@ def test_box_iou_empty_and_bad_shape():
 
 
 def test_box_iou_matches_torchvision(rng):
-    torch = pytest.importorskip("torch", reason="torch is not installed")
     torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+    torch = pytest.importorskip("torch", reason="torch is not installed")
     a, b = random_boxes(rng, 20), random_boxes(rng, 30)
     expected = torchvision.ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     np.testing.assert_allclose(box_iou(a, b), expected, rtol=1e-12, atol=1e-15)
