@@ -36,7 +36,8 @@ def test_sigmoid_is_stable_for_huge_logits():
     assert np.all(np.isfinite(y)) and y.dtype == np.float32
     assert y[0] == 0.0 and y[-1] == 1.0 and y[3] == 0.5
     mid = np.array([-20.0, 0.0, 20.0])
-    np.testing.assert_allclose(F.sigmoid(Tensor(mid, dtype=np.float64)).data, 1 / (1 + np.exp(-mid)), rtol=1e-15)
+    expected = 1 / (1 + np.exp(-mid))
+    np.testing.assert_allclose(F.sigmoid(Tensor(mid, dtype=np.float64)).data, expected, rtol=1e-15)
 
 
 @pytest.mark.parametrize("axis", [-1, 0, 1])
@@ -82,7 +83,8 @@ def test_linear_gradient(rng, shape, bias):
 def test_linear_values_and_errors(rng):
     x, w, b = rng.standard_normal((4, 5)), rng.standard_normal((3, 5)), rng.standard_normal(3)
     y = F.linear(Tensor(x, dtype=np.float64), Tensor(w, dtype=np.float64), Tensor(b, dtype=np.float64))
-    expected = np.array([[sum(x[i, k] * w[j, k] for k in range(5)) + b[j] for j in range(3)] for i in range(4)])
+    expected = np.array([[sum(x[i, k] * w[j, k] for k in range(5)) + b[j] for j in range(3)]
+                         for i in range(4)])
     np.testing.assert_allclose(y.data, expected, rtol=1e-12)
     with pytest.raises(ValueError, match="features"):
         F.linear(Tensor(x), Tensor(w.T))

@@ -100,7 +100,8 @@ def test_frozen_batch_norm_gradient_to_x_only(rng):
     x.grad = None
     F.frozen_batch_norm(x, mean, var, w, b).sum().backward()
     assert w.grad is None and b.grad is None  # the affine is a constant
-    np.testing.assert_allclose(x.grad, np.broadcast_to((w.data / np.sqrt(var + 1e-5))[:, None, None], x.shape))
+    scale = w.data / np.sqrt(var + 1e-5)
+    np.testing.assert_allclose(x.grad, np.broadcast_to(scale[:, None, None], x.shape))
 
 
 def test_frozen_equals_eval_batch_norm(rng):

@@ -123,7 +123,8 @@ def _array(v):
 
 def _check(x, name, v):
     if v is not None and tuple(v.shape) != (x.shape[1],):
-        raise ValueError(f"{name}: expected one value per channel, shape ({x.shape[1]},), got {tuple(v.shape)}")
+        raise ValueError(f"{name}: expected one value per channel, shape ({x.shape[1]},), "
+                         f"got {tuple(v.shape)}")
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=False, momentum=0.1, eps=1e-5):

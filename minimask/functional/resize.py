@@ -24,8 +24,9 @@ PyTorch's default ``recompute_scale_factor=None``):
 
 and bilinear reads rows floor(src) and floor(src) + 1 (clamped to the image) with weights
 1 - frac and frac.  PyTorch computes nearest indices in float32 always, and bilinear coordinates
-in float32 for float32 maps; so do we, to pick the same pixels.  Exact rational arithmetic would round some nearest indices differently (e.g. 2 -> 82 pixels,
-dst 41: exactly 1.0, but 0.99999994 in float32, so floor gives 0).
+in float32 for float32 maps; so do we, to pick the same pixels.  Exact rational arithmetic
+would round some nearest indices differently (2 -> 82 pixels, dst 41: 41 * 2 / 82 is exactly
+1.0, but 0.99999994 in float32, so floor gives 0).
 """
 
 import math
@@ -48,7 +49,8 @@ def _output_size(in_hw, size, scale_factor):
     else:
         scales = (scale_factor, scale_factor) if np.isscalar(scale_factor) else tuple(scale_factor)
         if len(scales) != 2 or any(s <= 0 for s in scales):
-            raise ValueError(f"interpolate: scale_factor must be positive, one number or two, got {scale_factor!r}")
+            raise ValueError(f"interpolate: scale_factor must be positive, one number or two, "
+                             f"got {scale_factor!r}")
         scales = tuple(float(s) for s in scales)
         out = tuple(int(math.floor(n * s)) for n, s in zip(in_hw, scales))
     if min(out) < 1:
