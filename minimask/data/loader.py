@@ -16,8 +16,9 @@ only ``seed`` and the iteration in its checkpoint.  (A running generator would h
 and restored, and would depend on how many draws each image happened to take.)
 
 **Prefetch.**  While the model computes on one batch, a background thread reads and decodes
-the next (PNG/JPEG decoding and mask decoding release the GIL for much of their work).  The
-queue holds one ready batch, so memory stays bounded.  An exception in the thread is passed
+the next: Pillow releases Python's lock (the GIL) while it decodes PNG/JPEG, so reading truly
+overlaps with NumPy's work in the main thread.  The queue holds one ready batch, so memory
+stays bounded.  An exception in the thread is passed
 through the queue and raised again in the main thread, with a note naming the batch.
 
     loader = DataLoader(dataset, batch_size=8, shuffle=True, seed=0,
