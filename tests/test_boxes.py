@@ -112,7 +112,8 @@ def test_box_coder_class_specific_decode(rng):
     decoded = coder.decode(deltas, boxes)
     assert decoded.shape == (6, 12)
     for k in range(3):  # class k's four deltas decode against the same box
-        np.testing.assert_allclose(decoded[:, 4 * k:4 * k + 4], coder.decode(deltas[:, 4 * k:4 * k + 4], boxes))
+        columns = slice(4 * k, 4 * k + 4)
+        np.testing.assert_allclose(decoded[:, columns], coder.decode(deltas[:, columns], boxes))
 
 
 def test_box_coder_clips_large_dw_dh():
@@ -149,7 +150,8 @@ def test_boxes_on_gpu_match_numpy(rng):
     ga, gb = to_device(a, "gpu"), to_device(b, "gpu")
     np.testing.assert_allclose(to_device(box_iou(ga, gb), "cpu"), box_iou(a, b), rtol=1e-12)
     coder = BoxCoder((10, 10, 5, 5))
-    np.testing.assert_allclose(to_device(coder.encode(ga[:20], gb), "cpu"), coder.encode(a[:20], b), rtol=1e-12)
+    np.testing.assert_allclose(to_device(coder.encode(ga[:20], gb), "cpu"), coder.encode(a[:20], b),
+                               rtol=1e-12)
     deltas = rng.normal(size=(20, 8))
     np.testing.assert_allclose(to_device(coder.decode(to_device(deltas, "gpu"), gb), "cpu"),
                                coder.decode(deltas, b), rtol=1e-12)

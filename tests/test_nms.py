@@ -4,8 +4,13 @@ import numpy as np
 import pytest
 
 from minimask.backend import to_device
-from minimask.kernels.nms import (gather_keep_reference, nms_numba, nms_reference,
-                                  stable_order_by_score, suppression_mask_reference)
+from minimask.kernels.nms import (
+    gather_keep_reference,
+    nms_numba,
+    nms_reference,
+    stable_order_by_score,
+    suppression_mask_reference,
+)
 from minimask.ops import batched_nms, nms
 
 THRESHOLDS = [0.0, 0.3, 0.5, 0.7, 1.0]
@@ -72,7 +77,8 @@ def test_nms_on_uniform_random_boxes(rng):
     boxes = np.concatenate([xy, xy + rng.uniform(5, 80, (600, 2))], axis=1)
     scores = rng.random(600)
     for threshold in (0.2, 0.6):
-        np.testing.assert_array_equal(nms(boxes, scores, threshold), brute_force_nms(boxes, scores, threshold))
+        expected = brute_force_nms(boxes, scores, threshold)
+        np.testing.assert_array_equal(nms(boxes, scores, threshold), expected)
 
 
 def test_nms_by_hand():
@@ -165,3 +171,70 @@ def test_cuda_nms_many_boxes(rng):
     scores = rng.random(20000).astype(np.float32)
     keep = nms(to_device(boxes, "gpu"), to_device(scores, "gpu"), 0.5)
     np.testing.assert_array_equal(to_device(keep, "cpu"), nms(boxes, scores, 0.5))
+
+
+EMULATOR_MAIN = r"""
+#include <cstdio>
+#include <vector>
+int main() {
+    int n; double thr;
+    if (scanf("%d %lf", &n, &thr) != 2) return 1;
+    std::vector<double> boxes(4 * n);
+    for (auto& v : boxes) if (scanf("%lf", &v) != 1) return 1;
+    int col_blocks = (n + 63) / 64;
+    std::vector<unsigned long long> mask((size_t)n * col_blocks, 0);
+    blockDim.x = 64;
+    for (int y = 0; y < col_blocks; y++) for (int x = 0; x < col_blocks; x++) {
+        blockIdx.x = x; blockIdx.y = y;
+        // Threads run one after another; a second pass sees the shared boxes all loaded.
+        for (int pass = 0; pass < 2; pass++)
+            for (int t = 0; t < 64; t++) {
+                threadIdx.x = t;
+                nms_suppression_mask(boxes.data(), n, thr, mask.data());
+            }
+    }
+    std::vector<char> keep(n, 0);
+    blockDim.x = 1; threadIdx.x = 0;  // one thread: the gather pass runs exactly as written
+    nms_gather_keep(mask.data(), n, (bool*)keep.data());
+    for (int i = 0; i < n; i++) printf("%d", (int)keep[i]);
+    printf("\n");
+    for (auto word : mask) printf("%llu ", word);
+    printf("\n");
+}
+"""
+
+
+def test_cuda_source_emulated_on_cpu(rng, tmp_path):
+    """Without a GPU: compile the CUDA kernels as C++ (threads run in turn) and check their logic."""
+    import shutil
+    import subprocess
+
+    from minimask.kernels import nms as nms_kernels
+
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("g++ is not installed; the CUDA kernels are checked on a GPU instead")
+    prelude = ("#include <cmath>\n#include <algorithm>\nusing std::min; using std::fmax; using std::fmin;\n"
+               "#define __device__\n#define __global__\nstruct Dim { int x, y, z; };\n"
+               "static Dim blockIdx, threadIdx, blockDim;\nstatic void __syncthreads() {}\n")
+    source = (nms_kernels._CUDA_SOURCE.replace('extern "C" __global__', "__global__")
+              .replace("__shared__ double", "static double")
+              .replace("extern __shared__ unsigned long long removed[];",
+                       "static unsigned long long removed[4096];"))
+    (tmp_path / "emu.cpp").write_text(prelude + source + EMULATOR_MAIN)
+    exe = tmp_path / "emu"
+    # -ffp-contract=off: no fused multiply-add, as --fmad=false on the GPU.
+    subprocess.run([compiler, "-O1", "-ffp-contract=off", "-o", str(exe), str(tmp_path / "emu.cpp")],
+                   check=True)
+
+    boxes, scores = hard_boxes(rng, 200)  # 4 blocks of 64, the last one partial
+    order = stable_order_by_score(scores)
+    sorted_boxes = boxes[order].astype(np.float64)
+    for threshold in (0.0, 0.5, 1.0):
+        text = f"{len(boxes)} {threshold!r}\n" + " ".join(repr(float(v)) for v in sorted_boxes.ravel())
+        result = subprocess.run([str(exe)], input=text, capture_output=True, text=True, check=True)
+        lines = result.stdout.split("\n")
+        mask = np.array(lines[1].split(), dtype=np.uint64).reshape(len(boxes), -1)
+        np.testing.assert_array_equal(mask, suppression_mask_reference(sorted_boxes, threshold))
+        keep = np.array([c == "1" for c in lines[0]])
+        np.testing.assert_array_equal(order[keep], brute_force_nms(boxes, scores, threshold))

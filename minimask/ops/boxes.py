@@ -53,7 +53,7 @@ def box_iou(boxes1, boxes2):
     area2 = box_area(boxes2)
     top_left = xp.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
     bottom_right = xp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = xp.clip(bottom_right - top_left, 0, None)  # crossed corners: no overlap, not negative
+    wh = xp.maximum(bottom_right - top_left, 0)  # crossed corners: no overlap, not negative
     inter = wh[:, :, 0] * wh[:, :, 1]
     union = area1[:, None] + area2[None, :] - inter
     safe_union = xp.where(union > 0, union, 1)  # inter is 0 wherever union is 0

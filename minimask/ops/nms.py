@@ -17,7 +17,8 @@ def _check(boxes, scores):
     if boxes.ndim != 2 or boxes.shape[1] != 4:
         raise ValueError(f"boxes must have shape (N, 4) as x1, y1, x2, y2; got {tuple(boxes.shape)}")
     if scores.shape != (boxes.shape[0],):
-        raise ValueError(f"scores must have shape ({boxes.shape[0]},), one per box; got {tuple(scores.shape)}")
+        raise ValueError(f"scores must have shape ({boxes.shape[0]},), one per box; "
+                         f"got {tuple(scores.shape)}")
 
 
 def nms(boxes, scores, iou_threshold):
@@ -48,7 +49,8 @@ def batched_nms(boxes, scores, idxs, iou_threshold):
     _check(boxes, scores)
     xp = get_array_module(boxes)
     if idxs.shape != scores.shape:
-        raise ValueError(f"idxs must have shape {tuple(scores.shape)}, one group per box; got {tuple(idxs.shape)}")
+        raise ValueError(f"idxs must have shape {tuple(scores.shape)}, one group per box; "
+                         f"got {tuple(idxs.shape)}")
     if boxes.shape[0] == 0:
         return xp.zeros((0,), dtype=xp.int64)
     boxes64 = boxes.astype(xp.float64)
