@@ -94,7 +94,8 @@ class MultiScaleRoIAlign:
       "roiwarp":  as in MNC (Dai et al., 2016): the box is quantized to the feature grid (its
                   corners rounded, as RoIPool rounds them), then bilinearly sampled like RoIAlign.
                   So it is RoIAlign on rounded boxes, with aligned=False as RoIPool's grid has
-                  no half-pixel shift; the paper shows the quantization alone costs ~3 AP.
+                  no half-pixel shift.  In Table 2c the quantization alone costs 3 mask AP
+                  (RoIWarp 27.2, RoIPool 26.9, RoIAlign 30.2; ResNet-50-C4).
     """
 
     def __init__(self, output_size=7, sampling_ratio=2, aligned=False, pooler_type="roialign",
