@@ -1,0 +1,260 @@
+"""RoI heads: Mask R-CNN's second stage, box and mask branches on each proposal (Sec. 3, 3.1).
+
+    features P2..P5, proposals ->  [training] add gt boxes, match (IoU >= 0.5), sample 512 at 1:3
+                               ->  RoIAlign 7x7   -> box head  -> class scores, class-specific boxes
+                               ->  RoIAlign 14x14 -> mask head -> K masks of 28x28 per RoI
+
+Training (Sec. 3.1, "Training"): "An RoI is considered positive if it has IoU with a
+ground-truth box of at least 0.5 and negative otherwise.  The mask loss L_mask is defined only
+on positive RoIs."  Each image samples ``box_batch_size_per_image`` RoIs (512) with up to
+``box_positive_fraction`` (1/4) positives.  As torchvision and Detectron2, the ground-truth
+boxes are added to the proposals first, so that every object has at least one perfect
+positive RoI even when the RPN is still untrained.
+
+Inference (Sec. 3.1, "Inference"): the box branch runs on all proposals, then NMS keeps the
+top 100 detections, and "the mask branch is then applied to the highest scoring 100 detection
+boxes" (not to the proposals): faster, and the masks are predicted on the refined boxes.
+
+Everything that is not differentiated (matching, sampling, targets, decoding, NMS) stays on
+plain NumPy / CuPy arrays; the losses are Tensors.  Module names follow torchvision's
+``RoIHeads`` (``box_head.fc6``, ``box_predictor.cls_score``, ``mask_head.mask_fcn1``,
+``mask_predictor.conv5_mask``...), so that its weights import unchanged.
+"""
+
+from .. import nn
+from ..backend import device_of, get_array_module, to_device
+from ..functional import softmax
+from ..ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_area, box_iou
+from ..tensor import Tensor, no_grad
+from .box_head import BoxHead, BoxPredictor, fastrcnn_loss, postprocess_detections
+from .mask_head import (
+    MaskHead,
+    MaskMLPHead,
+    MaskMLPPredictor,
+    MaskPredictor,
+    mask_channels,
+    mask_loss,
+    mask_probabilities,
+    project_masks_on_boxes,
+)
+from .poolers import MultiScaleRoIAlign
+
+# Strides of P2..P5: fixed by the backbone, so the poolers need not guess them from image sizes.
+FPN_STRIDES = (4, 8, 16, 32)
+
+
+def crowd_ignore_mask(boxes, crowd_boxes, threshold=0.7):
+    """True for boxes lying mostly inside a crowd region: intersection / box area > threshold.
+
+    COCO marks groups of objects too dense to outline one by one as ``iscrowd`` regions.  Such
+    a region is no ground truth to learn a box from, but an RoI inside it is not background
+    either.  We follow Detectron (``_filter_crowd_proposals``, CROWD_FILTER_THRESH = 0.7): an
+    RoI whose area is more than 70% covered by a crowd box is ignored (neither positive nor
+    negative).  The overlap is intersection over the RoI's own area, as COCO's iou for crowd
+    regions, since a small RoI inside a large crowd box has a small IoU but is still covered.
+    """
+    xp = get_array_module(boxes)
+    if crowd_boxes is None or len(crowd_boxes) == 0 or len(boxes) == 0:
+        return xp.zeros((len(boxes),), dtype=bool)
+    top_left = xp.maximum(boxes[:, None, :2], crowd_boxes[None, :, :2])
+    bottom_right = xp.minimum(boxes[:, None, 2:], crowd_boxes[None, :, 2:])
+    wh = xp.maximum(bottom_right - top_left, 0)
+    inter = wh[..., 0] * wh[..., 1]  # (R, M)
+    area = xp.maximum(box_area(boxes), 1e-12)[:, None]
+    return (inter / area).max(axis=1) > threshold
+
+
+class RoIHeads(nn.Module):
+    """Box and mask heads over FPN features (P2..P5).
+
+    ``detections, losses = roi_heads(features, proposals, image_sizes, targets=None)``
+
+    - features: list of Tensors (N, C, Hl, Wl) for P2..P5 (a fifth map, P6, is ignored: as in
+      torchvision the heads pool only from P2..P5).
+    - proposals: list of N arrays (Ki, 4), x1 y1 x2 y2 in resized-image pixels.
+    - image_sizes: list of N (h, w) after resizing, before padding (detections are clipped to it).
+    - targets (training): list of N dicts with ``boxes`` (G, 4), ``labels`` (G,) in 1..K,
+      ``masks`` (G, H, W) uint8 in the same pixels, optionally ``crowd_boxes`` (M, 4).
+
+    Training mode returns ``([], {"loss_cls", "loss_box", "loss_mask"})``; eval mode returns
+    one dict per image with ``boxes`` (D, 4) float, ``scores`` (D,), ``labels`` (D,) int64 and
+    ``mask_probs`` (D, 28, 28), sorted by falling score, and an empty loss dict.
+    """
+
+    def __init__(self, cfg, in_channels=None):
+        super().__init__()
+        self.cfg = cfg
+        in_channels = cfg.fpn_out_channels if in_channels is None else in_channels
+        num_classes = cfg.num_classes
+
+        # Poolers (no weights): RoIAlign on the level that suits each box (FPN Eq. 1).
+        pool = dict(sampling_ratio=cfg.sampling_ratio, aligned=cfg.aligned, pooler_type=cfg.pooler_type,
+                    strides=FPN_STRIDES)
+        self.box_roi_pool = MultiScaleRoIAlign(cfg.box_pool_size, **pool)
+        self.mask_roi_pool = MultiScaleRoIAlign(cfg.mask_pool_size, **pool)
+
+        self.box_head = BoxHead(in_channels * cfg.box_pool_size ** 2, cfg.box_head_dim)
+        self.box_predictor = BoxPredictor(cfg.box_head_dim, num_classes)
+
+        # The deconvolution doubles the pooled size: 14x14 features give 28x28 masks (m = 28).
+        self.mask_resolution = 2 * cfg.mask_pool_size
+        channels = mask_channels(cfg)
+        if cfg.mask_head_type == "mlp":
+            self.mask_head = MaskMLPHead(in_channels * cfg.mask_pool_size ** 2, cfg.box_head_dim)
+            self.mask_predictor = MaskMLPPredictor(cfg.box_head_dim, channels, self.mask_resolution)
+        else:
+            self.mask_head = MaskHead(in_channels, cfg.mask_head_dim, cfg.mask_head_convs)
+            self.mask_predictor = MaskPredictor(cfg.mask_head_dim, cfg.mask_head_dim, channels)
+
+        self.box_coder = BoxCoder(cfg.bbox_reg_weights)
+        self.matcher = Matcher(cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, allow_low_quality_matches=False)
+        self.sampler = BalancedPositiveNegativeSampler(cfg.box_batch_size_per_image,
+                                                       cfg.box_positive_fraction, seed=cfg.seed)
+
+    # ---- training: which RoIs, and what they should predict ----------------------------------
+    def label_proposals(self, proposals, target):
+        """Match one image's proposals (with its gt boxes appended) to the ground truth.
+
+        Returns (boxes (R + G, 4), matched_idxs (R + G,) int64 index of the matched gt box, 0
+        where there is none, labels (R + G,) int64: gt class for positives, 0 background, -1
+        ignored).
+        """
+        xp = get_array_module(proposals)
+        gt_boxes, gt_labels = target["boxes"], target["labels"]
+        boxes = xp.concatenate([proposals, gt_boxes.astype(proposals.dtype)], axis=0)
+        if len(gt_boxes) == 0:  # no objects: every RoI is background
+            matched = xp.full((len(boxes),), Matcher.BELOW_LOW_THRESHOLD, dtype=xp.int64)
+            labels = xp.zeros((len(boxes),), dtype=xp.int64)
+        else:
+            matched = self.matcher(box_iou(gt_boxes.astype(boxes.dtype), boxes))
+            labels = gt_labels[xp.maximum(matched, 0)].astype(xp.int64)
+        labels[matched == Matcher.BELOW_LOW_THRESHOLD] = 0
+        labels[matched == Matcher.BETWEEN_THRESHOLDS] = -1
+        # Crowd regions: only the proposals are tested, never the appended gt boxes (as Detectron).
+        ignore = crowd_ignore_mask(proposals, target.get("crowd_boxes"))
+        labels[:len(proposals)][ignore] = -1
+        return boxes, xp.maximum(matched, 0), labels
+
+    def select_training_samples(self, proposals, targets):
+        """Label and sample every image's RoIs.  Returns one dict per image with the sampled
+        ``boxes`` (S, 4), ``labels`` (S,), ``matched_idxs`` (S,) and ``regression_targets``
+        (S, 4) (BoxCoder deltas of the matched gt box against the RoI, weights (10, 10, 5, 5))."""
+        labelled = [self.label_proposals(p, t) for p, t in zip(proposals, targets)]
+        chosen = self.sampler([labels for _, _, labels in labelled])
+        samples = []
+        for (boxes, matched, labels), (pos, neg), target in zip(labelled, chosen, targets):
+            xp = get_array_module(boxes)
+            keep = xp.nonzero(pos | neg)[0]
+            boxes, matched, labels = boxes[keep], matched[keep], labels[keep]
+            gt_boxes = target["boxes"].astype(boxes.dtype)
+            if len(gt_boxes):
+                deltas = self.box_coder.encode(gt_boxes[matched], boxes)
+            else:
+                deltas = xp.zeros_like(boxes)
+            deltas[labels <= 0] = 0  # background regresses nothing (and no log of a dummy box)
+            samples.append(dict(boxes=boxes, labels=labels, matched_idxs=matched, regression_targets=deltas))
+        return samples
+
+    def _prepare(self, features, proposals, targets):
+        """Arrays on the features' device and dtype (targets from a loader arrive on the CPU)."""
+        device, dtype = device_of(features[0].data), features[0].dtype
+        xp = get_array_module(features[0].data)
+
+        def move(a, dt=None):
+            a = xp.asarray(to_device(a.data if isinstance(a, Tensor) else a, device))
+            return a if dt is None else a.astype(dt, copy=False)
+
+        proposals = [move(p, dtype).reshape(-1, 4) for p in proposals]
+        if targets is not None:
+            moved = []
+            for t in targets:
+                for key in ("boxes", "labels", "masks"):
+                    if key not in t:
+                        raise ValueError(f"roi_heads: each target needs {key!r}, got keys {sorted(t)}")
+                m = dict(boxes=move(t["boxes"], dtype).reshape(-1, 4), labels=move(t["labels"], xp.int64),
+                         masks=move(t["masks"]))
+                if t.get("crowd_boxes") is not None:
+                    m["crowd_boxes"] = move(t["crowd_boxes"], dtype).reshape(-1, 4)
+                if len(m["labels"]) != len(m["boxes"]) or len(m["masks"]) != len(m["boxes"]):
+                    raise ValueError(f"roi_heads: target has {len(m['boxes'])} boxes, "
+                                     f"{len(m['labels'])} labels and {len(m['masks'])} masks (one each)")
+                moved.append(m)
+            targets = moved
+        return proposals, targets
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, features, proposals, image_sizes, targets=None):
+        features = list(features)[:len(FPN_STRIDES)]
+        if len(features) != len(FPN_STRIDES):
+            raise ValueError(f"roi_heads: expected the {len(FPN_STRIDES)} maps P2..P5, got {len(features)}")
+        if len(proposals) != features[0].shape[0] or len(image_sizes) != features[0].shape[0]:
+            raise ValueError(f"roi_heads: {len(proposals)} proposal arrays and {len(image_sizes)} image "
+                             f"sizes for a batch of {features[0].shape[0]} images")
+        if self.training:
+            if targets is None:
+                raise ValueError("roi_heads: training mode needs targets (call .eval() for inference)")
+            proposals, targets = self._prepare(features, proposals, targets)
+            return [], self.losses(features, proposals, targets)
+        proposals, _ = self._prepare(features, proposals, None)
+        with no_grad():
+            return self.detect(features, proposals, image_sizes), {}
+
+    def losses(self, features, proposals, targets):
+        """L_cls + L_box + L_mask of Eq. 1 for a batch (Tensors)."""
+        cfg = self.cfg
+        xp = get_array_module(features[0].data)
+        samples = self.select_training_samples(proposals, targets)
+
+        box_features = self.box_roi_pool(features, [s["boxes"] for s in samples])
+        class_logits, box_regression = self.box_predictor(self.box_head(box_features))
+        labels = xp.concatenate([s["labels"] for s in samples])
+        deltas = xp.concatenate([s["regression_targets"] for s in samples])
+        loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, deltas)
+
+        # The mask branch sees the positive RoIs only, each with its gt mask cropped to the RoI.
+        pos_boxes, pos_labels, mask_targets = [], [], []
+        for s, t in zip(samples, targets):
+            pos = xp.nonzero(s["labels"] > 0)[0]
+            pos_boxes.append(s["boxes"][pos])
+            pos_labels.append(s["labels"][pos])
+            mask_targets.append(project_masks_on_boxes(t["masks"], s["boxes"][pos], s["matched_idxs"][pos],
+                                                       self.mask_resolution, aligned=cfg.aligned))
+        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_boxes)))
+        loss_mask = mask_loss(mask_logits, xp.concatenate(mask_targets), xp.concatenate(pos_labels),
+                              cfg.mask_loss, cfg.class_agnostic_masks)
+        return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_mask": loss_mask}
+
+    # ---- inference ---------------------------------------------------------------------------
+    def detect(self, features, proposals, image_sizes):
+        """Detections per image (plain arrays): boxes, scores, labels, mask_probs."""
+        cfg = self.cfg
+        xp = get_array_module(features[0].data)
+        dtype, m = features[0].dtype, self.mask_resolution
+        counts = [len(p) for p in proposals]
+        if sum(counts) == 0:
+            nothing = (xp.zeros((0, 4), dtype), xp.zeros((0,), dtype), xp.zeros((0,), xp.int64))
+            found = [nothing] * len(proposals)
+        else:
+            box_features = self.box_head(self.box_roi_pool(features, proposals))
+            class_logits, box_regression = self.box_predictor(box_features)
+            class_probs = softmax(class_logits, axis=-1).data
+            boxes = self.box_coder.decode(box_regression.data, xp.concatenate(proposals))
+            found = postprocess_detections(class_probs, boxes, image_sizes, counts, cfg.box_score_thresh,
+                                           cfg.box_nms_thresh, cfg.box_detections_per_img)
+        results = [dict(boxes=b, scores=s, labels=lab) for b, s, lab in found]
+
+        det_boxes = [r["boxes"] for r in results]
+        det_labels = xp.concatenate([r["labels"] for r in results])
+        if len(det_labels) == 0:
+            probs = xp.zeros((0, m, m), dtype)
+        else:
+            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, det_boxes)))
+            probs = mask_probabilities(mask_logits.data, det_labels, cfg.mask_loss, cfg.class_agnostic_masks)
+        start = 0
+        for r in results:
+            r["mask_probs"] = probs[start:start + len(r["boxes"])]
+            start += len(r["boxes"])
+        return results
+
+
+__all__ = ["RoIHeads", "crowd_ignore_mask", "FPN_STRIDES"]
