@@ -80,6 +80,28 @@ def test_mask_of_ones_fills_exactly_the_pixels_whose_centres_are_in_the_box(rng)
     assert got[2].sum() == 1  # a box smaller than a pixel still owns the pixel whose centre it holds
 
 
+def test_low_threshold_reaches_into_the_fade_beyond_the_box():
+    # A mask of ones, sampled with zeros around it, is a product of two ramps: 1 over the mask's
+    # cell centres, falling linearly to 0 one cell beyond (half a cell outside the box).  At a
+    # low threshold the pasted mask reaches past the box edge (10 pixels a cell here), so the
+    # Numba loop must visit more than the box's own pixels.
+    m, cell = 7, 10.0
+    box = np.array([[20.2, 15.3, 20.2 + m * cell, 15.3 + m * cell]])
+    ones = np.ones((1, m, m))
+
+    def ramp(u):  # u: mask coordinate, cell j centred at u = j
+        return np.clip(np.minimum(u + 1, m - u), 0, 1)
+
+    u = (np.arange(120) + 0.5 - box[0, 0]) / cell - 0.5
+    v = (np.arange(110) + 0.5 - box[0, 1]) / cell - 0.5
+    for t in (0.1, 0.3, 0.5):
+        got = paste_masks_in_image(ones, box, (110, 120), threshold=t)[0]
+        np.testing.assert_array_equal(got, ramp(v)[:, None] * ramp(u)[None, :] >= t)
+        if t < 0.5:
+            assert got.sum() > (m * cell) ** 2  # more pixels than the box holds
+        np.testing.assert_array_equal(got, K.paste_masks_reference(ones, box, (110, 120), t)[0])
+
+
 def test_threshold_is_inclusive_at_one_to_one_scale():
     # An integer box of exactly M x M pixels puts pixel centres on mask cell centres, so the
     # pasted probabilities equal the mask's numbers exactly and the threshold's edge is visible.

@@ -36,6 +36,15 @@ def test_level_boundaries():
     np.testing.assert_array_equal(assign_boxes_to_levels(boxes[:3], 2, 6, canonical_box_size=112), [2, 3, 3])
 
 
+def test_epsilon_keeps_float32_boxes_of_canonical_sizes_on_their_level():
+    # In float32, 448.3 - 0.3 is 447.99998...: without the 1e-6 these boxes would drop a level.
+    boxes = np.array([[0.3, 0.3, 448.3, 448.3], [0.1, 0.1, 112.1, 112.1]], dtype=np.float32)
+    exact = boxes.astype(np.float64)  # the sizes as the float32 numbers really are
+    assert (exact[:, 2] - exact[:, 0] < [448, 112]).all()
+    np.testing.assert_array_equal(assign_boxes_to_levels(boxes, 2, 5) + 2, [5, 3])
+    np.testing.assert_array_equal(assign_boxes_to_levels(boxes, 2, 5, eps=0) + 2, [4, 2])
+
+
 def test_levels_follow_the_formula_on_random_boxes(rng):
     xy = rng.uniform(0, 300, size=(200, 2))
     wh = np.exp(rng.uniform(np.log(2), np.log(2000), size=(200, 2)))
@@ -57,9 +66,10 @@ def features_and_boxes(rng, dtype=np.float64, channels=3):
     """Two images of 128 x 128, P2..P5 (strides 4..32), boxes spread over all four levels."""
     feats = [minimask.Tensor(rng.standard_normal((2, channels, 128 // s, 128 // s)).astype(dtype),
                              requires_grad=True) for s in (4, 8, 16, 32)]
-    boxes0 = np.array([[10.3, 12.1, 30.7, 41.9],  # ~25 px: P2
-                       [5.5, 8.2, 126.1, 120.3],  # ~116: P3
+    # Listed out of level order, and so that putting them back is not its own inverse.
+    boxes0 = np.array([[5.5, 8.2, 126.1, 120.3],  # ~116 px: P3
                        [-60.2, -50.7, 200.4, 190.1],  # ~250: P4
+                       [10.3, 12.1, 30.7, 41.9],  # ~25: P2
                        [20.6, 30.3, 24.2, 35.8]])  # tiny: P2
     boxes1 = np.array([[-200.5, -180.2, 300.1, 290.4],  # ~490: P5
                        [40.2, 50.9, 100.6, 115.4],  # ~63: P2
@@ -83,14 +93,14 @@ def test_pooler_routes_boxes_to_levels_and_back_in_input_order(rng, monkeypatch)
     assert out.shape == (7, 3, 2, 2)
     rois = np.concatenate(boxes)
     levels = assign_boxes_to_levels(rois, 2, 5)
-    np.testing.assert_array_equal(levels, [0, 1, 2, 0, 3, 0, 1])
+    np.testing.assert_array_equal(levels, [1, 2, 0, 0, 3, 0, 1])
     image_of = [0, 0, 0, 0, 1, 1, 1]
     for k in range(7):
         expected = feats[levels[k]].data[image_of[k], :, :2, :2] / 2 ** (levels[k] + 2)
         np.testing.assert_allclose(out.data[k], expected)
     assert [c[0] for c in calls] == [1 / 4, 1 / 8, 1 / 16, 1 / 32]
     assert all(c[2] == 2 and c[3] is False for c in calls)  # torchvision's defaults
-    np.testing.assert_array_equal(calls[0][1][:, 1:], rois[[0, 3, 5]])  # the P2 boxes, unchanged
+    np.testing.assert_array_equal(calls[0][1][:, 1:], rois[[2, 3, 5]])  # the P2 boxes, unchanged
     # Gradients go back through the reordering to the right level and image.
     g = rng.standard_normal(out.shape)
     out.backward(g)
@@ -129,7 +139,7 @@ def test_each_pooler_type_runs_and_is_what_it_says(rng, pooler_type):
     assert out.shape == (7, 3, 3, 2) and out.dtype == np.float32
     rois = np.concatenate([np.concatenate([np.full((len(b), 1), i), b], axis=1) for i, b in enumerate(boxes)])
     levels = assign_boxes_to_levels(rois[:, 1:], 2, 5)
-    k = 1  # a P3 box
+    k = 0  # a P3 box
     scale = 1 / 8
     if pooler_type == "roipool":
         expected = F.roi_pool(feats[1], rois[k:k + 1].astype(np.float32), (3, 2), spatial_scale=scale)
