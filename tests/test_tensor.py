@@ -46,7 +46,8 @@ def test_sum_and_mean(rng, axis, keepdims):
     x = t64(rng, 2, 3, 4)
     assert gradcheck(lambda x: x.sum(axis=axis, keepdims=keepdims), [x])
     assert gradcheck(lambda x: x.mean(axis=axis, keepdims=keepdims), [x])
-    np.testing.assert_allclose(x.mean(axis=axis, keepdims=keepdims).data, x.data.mean(axis=axis, keepdims=keepdims))
+    expected = x.data.mean(axis=axis, keepdims=keepdims)
+    np.testing.assert_allclose(x.mean(axis=axis, keepdims=keepdims).data, expected)
 
 
 def test_reshape_transpose_flatten(rng):

@@ -4,10 +4,12 @@
 - ``anchors``: the RPN's reference boxes over an FPN pyramid.
 - ``matcher``: IoU-based labels for anchors and proposals, and the balanced mini-batch sampler.
 - ``nms``: greedy non-maximum suppression, plain and per group (kernels in ``minimask/kernels``).
+- ``masks``: pasting each detection's 28x28 mask probabilities into the full image.
 """
 
 from .anchors import AnchorGenerator
 from .boxes import BoxCoder, box_area, box_iou, clip_boxes, remove_small_boxes
+from .masks import paste_masks_in_image
 from .matcher import BalancedPositiveNegativeSampler, Matcher
 from .nms import batched_nms, nms
 
@@ -16,4 +18,5 @@ __all__ = [
     "AnchorGenerator",
     "Matcher", "BalancedPositiveNegativeSampler",
     "nms", "batched_nms",
+    "paste_masks_in_image",
 ]
