@@ -38,12 +38,12 @@ SETTINGS = [(aligned, ratio) for aligned in (True, False) for ratio in (0, 2)]
 
 
 @pytest.mark.parametrize("aligned,ratio", SETTINGS)
-@pytest.mark.parametrize("dtype", [np.float64, np.float32])
-def test_numba_forward_and_backward_match_reference(rng, aligned, ratio, dtype):
+@pytest.mark.parametrize("dtype,layout", [(np.float64, "map"), (np.float64, "windows"), (np.float32, None)])
+def test_numba_forward_and_backward_match_reference(rng, aligned, ratio, dtype, layout):
     x = rng.standard_normal((2, 5, 6, 7)).astype(dtype)
     rois = make_rois()
     ref = K.roi_align_reference(x, rois, (3, 4), SCALE, ratio, aligned)
-    out = K.roi_align_forward(x, rois, (3, 4), SCALE, ratio, aligned)
+    out = K.roi_align_forward(x, rois, (3, 4), SCALE, ratio, aligned, layout)
     assert out.dtype == dtype and out.shape == (len(rois), 5, 3, 4)
     tol = 1e-12 if dtype == np.float64 else 1e-5
     np.testing.assert_allclose(out, ref, atol=tol, rtol=tol)
@@ -52,22 +52,39 @@ def test_numba_forward_and_backward_match_reference(rng, aligned, ratio, dtype):
 
     gy = rng.standard_normal(out.shape).astype(dtype)
     gref = K.roi_align_backward_reference(gy, rois, x.shape, SCALE, ratio, aligned)
-    gx = K.roi_align_backward(gy, rois, x.shape, SCALE, ratio, aligned)
+    gx = K.roi_align_backward(gy, rois, x.shape, SCALE, ratio, aligned, layout)
     assert gx.dtype == dtype and gx.shape == x.shape
     np.testing.assert_allclose(gx, gref, atol=tol, rtol=tol)
 
 
-def test_numba_many_channels_and_boxes(rng):
+@pytest.mark.parametrize("layout", ["map", "windows"])
+def test_numba_many_channels_and_boxes(rng, layout):
     """More channels than one backward block, many random boxes: the parallel paths."""
     x = rng.standard_normal((3, 70, 9, 11)).astype(np.float32)
     n = 40
     xy = rng.uniform(-4, 22, (n, 2))
     rois = np.concatenate([rng.integers(0, 3, (n, 1)), xy, xy + rng.uniform(0, 15, (n, 2))], 1)
     ref = K.roi_align_reference(x, rois, (2, 3), SCALE, 0, True)
-    np.testing.assert_allclose(K.roi_align_forward(x, rois, (2, 3), SCALE, 0, True), ref, atol=1e-5, rtol=1e-5)
+    out = K.roi_align_forward(x, rois, (2, 3), SCALE, 0, True, layout)
+    np.testing.assert_allclose(out, ref, atol=1e-5, rtol=1e-5)
     gy = rng.standard_normal(ref.shape).astype(np.float32)
     gref = K.roi_align_backward_reference(gy, rois, x.shape, SCALE, 0, True)
-    np.testing.assert_allclose(K.roi_align_backward(gy, rois, x.shape, SCALE, 0, True), gref, atol=1e-5, rtol=1e-5)
+    gx = K.roi_align_backward(gy, rois, x.shape, SCALE, 0, True, layout)
+    np.testing.assert_allclose(gx, gref, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("aligned,ratio", SETTINGS)
+def test_windows_hold_every_sample(aligned, ratio):
+    """The per-box window that the "windows" layout copies contains every cell a sample reads
+    (Numba does not check bounds, so a too-small window would read outside its buffer)."""
+    rois = make_rois()
+    windows = K._windows(rois, 3, 4, SCALE, ratio, aligned, 6, 7)
+    for roi, (r0, r1, c0, c1) in zip(rois, windows):
+        geo = K.roi_geometry(roi, (3, 4), SCALE, ratio, aligned)
+        for ph in range(3):
+            for pw in range(4):
+                for row, col, _ in K.bin_samples(geo, ph, pw, 6, 7):
+                    assert r0 <= row <= r1 and c0 <= col <= c1, (roi, row, col)
 
 
 @pytest.mark.parametrize("aligned,ratio", SETTINGS)

@@ -179,27 +179,67 @@ def _bilinear(y, x, height, width):
     return True, y_low, y_high, x_low, x_high, hy * hx, hy * lx, ly * hx, ly * lx
 
 
-@njit(cache=True, inline="never")
-def _add_sample(acc, a, b, c, d, w1, w2, w3, w4):
-    """acc += w1 a + w2 b + w3 c + w4 d over the channels (a loop the compiler vectorizes)."""
-    for i in range(acc.shape[0]):
-        acc[i] += w1 * a[i] + w2 * b[i] + w3 * c[i] + w4 * d[i]
+@njit(cache=True)
+def _span(start, bin_size, grid, bins, size):
+    """First and last cell (inclusive) that the samples along one axis can read."""
+    first = start + 0.5 * bin_size / max(grid, 1)
+    last = start + (bins - 1) * bin_size + (grid - 0.5) * bin_size / max(grid, 1)
+    lo, hi = max(min(first, last), 0.0), max(max(first, last), 0.0)
+    return min(int(lo), size - 1), min(int(hi) + 1, size - 1)
 
 
 @njit(cache=True, parallel=True)
-def _forward_numba(feat, rois, oh, ow, spatial_scale, sampling_ratio, aligned, out):
-    """out[k, c, ph, pw] for every box, from channels-last features ``feat`` (N, H, W, C).
-
-    Why channels-last: the four weights and cell indices of a sample are the same for every
-    channel, so they are computed once per sample and the innermost loop runs over the C
-    channels of the four cells, which are contiguous in (N, H, W, C) memory: the compiler
-    vectorizes it (SIMD), and every cache line fetched is fully used.  In (N, C, H, W) the same
-    loop would jump H*W elements per channel.  Boxes are independent: prange over boxes.
-    """
-    H, W, C = feat.shape[1], feat.shape[2], feat.shape[3]
+def _windows(rois, oh, ow, spatial_scale, sampling_ratio, aligned, height, width):
+    """(K, 4) rows [row0, row1, col0, col1]: the window of cells each box's samples read."""
+    out = np.empty((rois.shape[0], 4), dtype=np.int64)
     for k in prange(rois.shape[0]):
         n, y0, x0, bin_h, bin_w, grid_h, grid_w, count = _geometry(rois[k], oh, ow, spatial_scale,
                                                                     sampling_ratio, aligned)
+        out[k, 0], out[k, 1] = _span(y0, bin_h, grid_h, oh, height)
+        out[k, 2], out[k, 3] = _span(x0, bin_w, grid_w, ow, width)
+    return out
+
+
+@njit(cache=True, inline="never")
+def _add_sample(acc, src, yl, yh, xl, xh, w1, w2, w3, w4):
+    """acc += the bilinear mix of 4 cells of src (rows, cols, C), over the channels.
+
+    A separate function so that the compiler sees one simple loop it can vectorize; cells are
+    passed as indices, not as views (each view would touch src's reference count, an atomic
+    shared by all threads)."""
+    for i in range(acc.shape[0]):
+        acc[i] += w1 * src[yl, xl, i] + w2 * src[yl, xh, i] + w3 * src[yh, xl, i] + w4 * src[yh, xh, i]
+
+
+@njit(cache=True, parallel=True)
+def _forward_numba(x, feat, windows, rois, oh, ow, spatial_scale, sampling_ratio, aligned, whole_map, out):
+    """out[k, c, ph, pw] for every box; prange over boxes (they are independent).
+
+    Why channels-last: the four weights and cells of a sample are the same for every channel,
+    so they are computed once per sample and the innermost loop runs over the C channels of
+    the four cells, which are contiguous in (H, W, C) memory: the compiler vectorizes it (SIMD)
+    and every cache line fetched is fully used.  In (C, H, W) the same loop would jump H*W
+    elements per channel.  The channels-last features come from one of two places:
+
+    - ``whole_map``: ``feat`` (N, H, W, C), one transposed copy of x shared by all boxes; or
+    - each box copies just the window of cells it reads from x (N, C, H, W) into its own
+      (rows, cols, C) buffer: far less memory traffic when the boxes are small next to the
+      map (the FPN levels: a 200x336 map is 138 MB at 256 channels, a box reads ~100 cells).
+    """
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    for k in prange(rois.shape[0]):
+        n, y0, x0, bin_h, bin_w, grid_h, grid_w, count = _geometry(rois[k], oh, ow, spatial_scale,
+                                                                    sampling_ratio, aligned)
+        if whole_map:
+            src = feat[n]
+            r0, c0 = 0, 0
+        else:
+            r0, r1, c0, c1 = windows[k, 0], windows[k, 1], windows[k, 2], windows[k, 3]
+            src = np.empty((r1 - r0 + 1, c1 - c0 + 1, C), dtype=x.dtype)
+            for c in range(C):
+                for i in range(r1 - r0 + 1):
+                    for j in range(c1 - c0 + 1):
+                        src[i, j, c] = x[n, c, r0 + i, c0 + j]
         acc = np.empty(C, dtype=out.dtype)
         w = np.empty(4, dtype=out.dtype)  # weights in the feature dtype: float32 SIMD for float32
         for ph in range(oh):
@@ -208,63 +248,73 @@ def _forward_numba(feat, rois, oh, ow, spatial_scale, sampling_ratio, aligned, o
                 for iy in range(grid_h):
                     y = y0 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
                     for ix in range(grid_w):
-                        x = x0 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
-                        inside, yl, yh, xl, xh, w[0], w[1], w[2], w[3] = _bilinear(y, x, H, W)
+                        xx = x0 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
+                        inside, yl, yh, xl, xh, w[0], w[1], w[2], w[3] = _bilinear(y, xx, H, W)
                         if inside:
-                            _add_sample(acc, feat[n, yl, xl], feat[n, yl, xh], feat[n, yh, xl], feat[n, yh, xh],
-                                        w[0], w[1], w[2], w[3])
+                            yl, yh, xl, xh = yl - r0, yh - r0, xl - c0, xh - c0
+                            _add_sample(acc, src, yl, yh, xl, xh, w[0], w[1], w[2], w[3])
                 for c in range(C):
                     out[k, c, ph, pw] = acc[c] / count
 
 
 @njit(cache=True, inline="never")
-def _scatter_sample(a, b, c, d, g, w1, w2, w3, w4):
-    """a += w1 g, b += w2 g, c += w3 g, d += w4 g over a block of channels (vectorized loop)."""
+def _scatter_sample(dst, yl, yh, xl, xh, cs, g, w1, w2, w3, w4):
+    """dst[cell, cs + i] += w_cell g[i] for the 4 cells, over a block of channels (see _add_sample)."""
     for i in range(g.shape[0]):
-        a[i] += w1 * g[i]
-        b[i] += w2 * g[i]
-        c[i] += w3 * g[i]
-        d[i] += w4 * g[i]
+        dst[yl, xl, cs + i] += w1 * g[i]
+        dst[yl, xh, cs + i] += w2 * g[i]
+        dst[yh, xl, cs + i] += w3 * g[i]
+        dst[yh, xh, cs + i] += w4 * g[i]
 
 
 @njit(cache=True, parallel=True)
-def _backward_numba(gy, rois, spatial_scale, sampling_ratio, aligned, chunk, gx):
-    """gx (N, H, W, C, channels-last, zeroed) += the transpose of the forward, for gy (K, C, oh, ow).
+def _backward_numba(gy, windows, rois, spatial_scale, sampling_ratio, aligned, chunk, whole_map, gx_last, gx):
+    """The transpose of the forward: gradient for x from gy (K, C, oh, ow).
 
     Bins and boxes overlap, so two boxes may add into the same cell: a prange over boxes would
     race.  Instead each thread owns a block of ``chunk`` channels and walks all boxes for it;
     no two threads ever write the same element.  The sample geometry is recomputed per block
-    (cheap next to the channel loop), and the innermost loop again runs over contiguous
-    channels of gx.  The block's slice of a bin's gradient is gathered once into ``g``.
+    (cheap next to the channel loop); the innermost loop runs over contiguous channels.  The
+    gradient is accumulated as the forward reads, either
+
+    - ``whole_map``: straight into ``gx_last`` (N, H, W, C), transposed back by the caller; or
+    - per box into a zeroed (rows, cols, chunk) window, then added into ``gx`` (N, C, H, W).
     """
     K, C, oh, ow = gy.shape
-    H, W = gx.shape[1], gx.shape[2]
+    H, W = gx.shape[2], gx.shape[3]
     n_blocks = (C + chunk - 1) // chunk
     for block in prange(n_blocks):
         c0 = block * chunk
-        c1 = min(C, c0 + chunk)
-        g = np.empty(c1 - c0, dtype=gx.dtype)
+        nc = min(C, c0 + chunk) - c0
+        g = np.empty(nc, dtype=gx.dtype)
         w = np.empty(4, dtype=gx.dtype)
         for k in range(K):
             n, y0, x0, bin_h, bin_w, grid_h, grid_w, count = _geometry(rois[k], oh, ow, spatial_scale,
                                                                         sampling_ratio, aligned)
+            if whole_map:
+                dst = gx_last[n]
+                r0, col0, cs = 0, 0, c0
+            else:
+                r0, r1, col0, col1 = windows[k, 0], windows[k, 1], windows[k, 2], windows[k, 3]
+                dst = np.zeros((r1 - r0 + 1, col1 - col0 + 1, nc), dtype=gx.dtype)
+                cs = 0
             for ph in range(oh):
                 for pw in range(ow):
-                    for c in range(c0, c1):
-                        g[c - c0] = gy[k, c, ph, pw] / count
+                    for c in range(nc):
+                        g[c] = gy[k, c0 + c, ph, pw] / count
                     for iy in range(grid_h):
                         y = y0 + ph * bin_h + (iy + 0.5) * bin_h / grid_h
                         for ix in range(grid_w):
                             x = x0 + pw * bin_w + (ix + 0.5) * bin_w / grid_w
                             inside, yl, yh, xl, xh, w[0], w[1], w[2], w[3] = _bilinear(y, x, H, W)
                             if inside:
-                                _scatter_sample(gx[n, yl, xl, c0:c1], gx[n, yl, xh, c0:c1], gx[n, yh, xl, c0:c1],
-                                                gx[n, yh, xh, c0:c1], g, w[0], w[1], w[2], w[3])
-
-
-def channels_last(x):
-    """x (N, C, H, W) as a contiguous (N, H, W, C) array (free when x is already laid out so)."""
-    return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+                                yl, yh, xl, xh = yl - r0, yh - r0, xl - col0, xh - col0
+                                _scatter_sample(dst, yl, yh, xl, xh, cs, g, w[0], w[1], w[2], w[3])
+            if not whole_map:
+                for c in range(nc):
+                    for i in range(dst.shape[0]):
+                        for j in range(dst.shape[1]):
+                            gx[n, c0 + c, r0 + i, col0 + j] += dst[i, j, c]
 
 
 def _channel_chunk(C):
@@ -273,6 +323,26 @@ def _channel_chunk(C):
 
     blocks = 4 * numba.get_num_threads()
     return max(8, -(-C // blocks))
+
+
+def _use_whole_map(windows, x_shape, layout, default):
+    """Work on one channels-last copy of the whole map, or on each box's window of cells?
+
+    ``layout`` forces "map" or "windows".  Otherwise: the forward reads a window far more often
+    than it copies it, and NumPy's transpose of the whole map is fast, so the forward uses the
+    map (``default="map"``).  The backward would have to zero, fill and transpose back a whole
+    channels-last gradient, so it uses windows (``default="windows"``) unless the windows
+    together hold more than twice the map's cells (huge boxes), measured on 2 CPU cores for
+    the benchmark in ``minimask/bench/kernels.py``.
+    """
+    if layout is not None:
+        if layout not in ("map", "windows"):
+            raise ValueError(f"layout must be None, 'map' or 'windows', got {layout!r}")
+        return layout == "map"
+    if default == "map":
+        return True
+    cells = ((windows[:, 1] - windows[:, 0] + 1) * (windows[:, 3] - windows[:, 2] + 1)).sum()
+    return cells > 2 * x_shape[0] * x_shape[2] * x_shape[3]
 
 
 # ---- 3. CuPy RawKernels, for CuPy arrays ------------------------------------------------------
@@ -391,8 +461,12 @@ def _launch_cuda(name, src, rois, dst, C, H, W, oh, ow, spatial_scale, sampling_
 
 
 # ---- dispatch ----------------------------------------------------------------------------------
-def roi_align_forward(x, rois, output_size, spatial_scale=1.0, sampling_ratio=0, aligned=True):
-    """(K, C, oh, ow) RoIAlign of x (N, C, H, W) over rois (K, 5); Numba or CUDA by array type."""
+def roi_align_forward(x, rois, output_size, spatial_scale=1.0, sampling_ratio=0, aligned=True, layout=None):
+    """(K, C, oh, ow) RoIAlign of x (N, C, H, W) over rois (K, 5); Numba or CUDA by array type.
+
+    ``layout`` (Numba only) forces ``"map"`` or ``"windows"`` (see ``_forward_numba`` and
+    ``_use_whole_map``).
+    """
     N, C, H, W = x.shape
     oh, ow = output_size
     if is_cupy_array(x):
@@ -402,13 +476,21 @@ def roi_align_forward(x, rois, output_size, spatial_scale=1.0, sampling_ratio=0,
         _launch_cuda("roi_align_forward", x, rois, out, C, H, W, oh, ow, spatial_scale, sampling_ratio, aligned)
         return out
     out = np.zeros((len(rois), C, oh, ow), dtype=x.dtype)
-    if len(rois) and C:
-        rois = np.ascontiguousarray(rois, dtype=np.float64)
-        _forward_numba(channels_last(x), rois, oh, ow, float(spatial_scale), int(sampling_ratio), bool(aligned), out)
+    if len(rois) == 0 or x.size == 0:
+        return out
+    rois = np.ascontiguousarray(rois, dtype=np.float64)
+    settings = float(spatial_scale), int(sampling_ratio), bool(aligned)
+    windows = _windows(rois, oh, ow, *settings, H, W)
+    whole_map = _use_whole_map(windows, x.shape, layout, "map")
+    if whole_map:
+        x_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    else:
+        x_last = np.empty((1, 1, 1, C), dtype=x.dtype)  # not read
+    _forward_numba(np.ascontiguousarray(x), x_last, windows, rois, oh, ow, *settings, whole_map, out)
     return out
 
 
-def roi_align_backward(gy, rois, x_shape, spatial_scale=1.0, sampling_ratio=0, aligned=True):
+def roi_align_backward(gy, rois, x_shape, spatial_scale=1.0, sampling_ratio=0, aligned=True, layout=None):
     """Gradient (N, C, H, W) of RoIAlign for the output gradient gy (K, C, oh, ow)."""
     N, C, H, W = x_shape
     K, _, oh, ow = gy.shape
@@ -418,10 +500,15 @@ def roi_align_backward(gy, rois, x_shape, spatial_scale=1.0, sampling_ratio=0, a
         gx = cupy.zeros(x_shape, dtype=gy.dtype)
         _launch_cuda("roi_align_backward", gy, rois, gx, C, H, W, oh, ow, spatial_scale, sampling_ratio, aligned)
         return gx
-    if K == 0 or C == 0:
-        return np.zeros(x_shape, dtype=gy.dtype)
+    gx = np.zeros(x_shape, dtype=gy.dtype)
+    if K == 0 or gx.size == 0:
+        return gx
     rois = np.ascontiguousarray(rois, dtype=np.float64)
-    gx_last = np.zeros((N, H, W, C), dtype=gy.dtype)
-    _backward_numba(np.ascontiguousarray(gy), rois, float(spatial_scale), int(sampling_ratio), bool(aligned),
-                    _channel_chunk(C), gx_last)
-    return np.ascontiguousarray(gx_last.transpose(0, 3, 1, 2))
+    settings = float(spatial_scale), int(sampling_ratio), bool(aligned)
+    windows = _windows(rois, oh, ow, *settings, H, W)
+    whole_map = _use_whole_map(windows, x_shape, layout, "windows")
+    gx_last = np.zeros((N, H, W, C) if whole_map else (1, 1, 1, C), dtype=gy.dtype)
+    _backward_numba(np.ascontiguousarray(gy), windows, rois, *settings, _channel_chunk(C), whole_map, gx_last, gx)
+    if whole_map:
+        gx = np.ascontiguousarray(gx_last.transpose(0, 3, 1, 2))
+    return gx
