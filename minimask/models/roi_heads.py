@@ -146,12 +146,12 @@ class RoIHeads(nn.Module):
             xp = get_array_module(boxes)
             keep = xp.nonzero(pos | neg)[0]
             boxes, matched, labels = boxes[keep], matched[keep], labels[keep]
-            gt_boxes = target["boxes"].astype(boxes.dtype)
-            if len(gt_boxes):
-                deltas = self.box_coder.encode(gt_boxes[matched], boxes)
-            else:
-                deltas = xp.zeros_like(boxes)
-            deltas[labels <= 0] = 0  # background regresses nothing (and no log of a dummy box)
+            # Only positives regress a box; the others keep zeros (never used by the loss).
+            deltas = xp.zeros_like(boxes)
+            pos = xp.nonzero(labels > 0)[0]
+            if len(pos):
+                gt_boxes = target["boxes"].astype(boxes.dtype)
+                deltas[pos] = self.box_coder.encode(gt_boxes[matched[pos]], boxes[pos])
             samples.append(dict(boxes=boxes, labels=labels, matched_idxs=matched, regression_targets=deltas))
         return samples
 
