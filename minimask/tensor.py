@@ -237,7 +237,7 @@ class Tensor:
         return _shape().transpose(self, None)
 
     def flatten(self, start_dim=0):
-        return _shape().reshape(self, self.shape[:start_dim] + (-1,))
+        return _shape().flatten(self, start_dim)
 
 
 def _arith():

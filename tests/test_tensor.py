@@ -220,3 +220,11 @@ def test_core_ops_on_cupy_match_numpy(rng):
     for c, g in zip(results["cpu"], results["gpu"]):
         np.testing.assert_allclose(c, g, rtol=1e-10)
     assert gradcheck(lambda x: (x * x).sum(axis=0), [Tensor(cupy.asarray(a), requires_grad=True)])
+
+
+def test_flatten_empty_batch():
+    x = Tensor(np.zeros((0, 2, 3, 3)), requires_grad=True)
+    y = F.flatten(x, 1)
+    assert y.shape == (0, 18) and x.flatten(1).shape == (0, 18)
+    y.sum().backward()
+    assert x.grad.shape == (0, 2, 3, 3)

@@ -139,7 +139,8 @@ permute = transpose
 
 
 def flatten(x, start_dim=1):
-    return Reshape(tuple(x.shape[:start_dim]) + (-1,))(x)
+    # The size is spelled out rather than -1, so that an empty batch (0, C, H, W) flattens too.
+    return Reshape(tuple(x.shape[:start_dim]) + (int(np.prod(x.shape[start_dim:])),))(x)
 
 
 def getitem(x, key):
