@@ -2,13 +2,121 @@
 
 Each sub-command is a small function here that parses its flags and calls the package;
 ``minimask CMD --help`` lists the flags of each.
+
+    minimask data shapes --out data/shapes
+    minimask train --config shapes --iters 300 --out runs/shapes        (makes data/shapes if missing)
+    minimask eval --checkpoint runs/shapes/model_0000300.npz --ann data/shapes/val.json
+    minimask predict --checkpoint runs/shapes/model_0000300.npz data/shapes/images/val_000000.png
+
+Mistakes in the flags (an unknown preset, a bad ``--set``) end with exit code 2 and a message
+naming the valid choices; mistakes found while running (a missing file, a malformed JSON, a
+NaN loss) with exit code 1 and the message, without a traceback (``MINIMASK_DEBUG=1`` shows it).
 """
 
 import argparse
+import os
 import sys
 
+# Errors that mean "the input is wrong", reported as one line; anything else is a bug and
+# keeps its traceback.
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError, RuntimeError)
 
-def _bench(args):
+
+def _preset_name(name):
+    """argparse type for --config: the name of a preset (the error lists the valid ones)."""
+    from .models.config import PRESETS
+
+    if name not in PRESETS:
+        raise argparse.ArgumentTypeError(f"unknown preset {name!r}: choose one of {sorted(PRESETS)}")
+    return name
+
+
+def _positive_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {value}")
+    return value
+
+
+def _score(text):
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a number in [0, 1], got {value}")
+    return value
+
+
+def _train(args, parser):
+    import dataclasses
+
+    from .engine.trainer import train
+    from .models.config import override, preset
+
+    cfg = preset(args.config)
+    try:
+        cfg = override(cfg, args.set)
+        if args.iters is not None:
+            cfg = dataclasses.replace(cfg, iters=args.iters)
+    except ValueError as e:
+        parser.error(str(e))
+    train_ann, train_images = args.train_ann, args.train_images
+    val_ann, val_images = args.val_ann, args.val_images
+    if train_ann is None:
+        if args.config != "shapes":
+            parser.error(f"--train-ann is needed for --config {args.config} (only 'shapes' makes its own data)")
+        train_ann, val_ann = _shapes_data("data/shapes")
+        train_images = val_images = None
+    out = args.out or os.path.join("runs", args.config)
+    summary = train(cfg, train_ann, train_images, val_ann, val_images, out_dir=out, device=args.device,
+                    resume=args.resume)
+    if summary["eval"]:
+        for kind, stats in summary["eval"].items():
+            print(f"{kind} AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}")
+
+
+def _shapes_data(folder):
+    """``folder/train.json`` and ``val.json``, generated with the defaults of ``data shapes``
+    the first time."""
+    train_json, val_json = os.path.join(folder, "train.json"), os.path.join(folder, "val.json")
+    if not (os.path.isfile(train_json) and os.path.isfile(val_json)):
+        from .data.shapes import make_shapes
+
+        print(f"no data given: generating the synthetic shapes data set in {folder}/ (once)")
+        make_shapes(folder)
+    return train_json, val_json
+
+
+def _eval(args, parser):
+    from .data import CocoDataset
+    from .engine import Predictor, evaluate
+
+    dataset = CocoDataset(args.ann, args.images, train=False)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
+                                   "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
+    metrics = evaluate(predictor.model, dataset, out_dir=out, batch_size=args.batch_size, progress=True)
+    print(f"wrote {out}/detections.json and {out}/coco_eval.json")
+    for kind, stats in metrics.items():
+        print(f"{kind} AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}")
+
+
+def _predict(args, parser):
+    from .engine import Predictor, predict_files
+
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:  # before loading the model: a typo should fail at once
+        raise FileNotFoundError(f"image file not found: {', '.join(missing)}")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, score_thresh=args.score_thresh)
+    predict_files(predictor, args.images, args.out)
+    print(f"wrote {len(args.images)} drawings and {args.out}/detections.json")
+
+
+def _bench(args, parser=None):
     if args.what == "ops":
         from .bench.ops import main as run
     elif args.what == "kernels":
@@ -18,7 +126,7 @@ def _bench(args):
     run(device=args.device, repeat=args.repeat)
 
 
-def _data_shapes(args):
+def _data_shapes(args, parser=None):
     import time
 
     from .data.shapes import make_shapes
@@ -49,12 +157,54 @@ def build_parser():
     b.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     b.add_argument("--repeat", type=int, default=5, help="timed repetitions (the median is printed)")
     b.set_defaults(func=_bench)
+
+    t = sub.add_parser("train", help="train a model (SGD, checkpoints, metrics.jsonl, loss.png, COCO eval)",
+                       description="Train on a COCO-format data set. With no data flags and --config shapes, "
+                                   "the synthetic shapes set is generated in data/shapes (once) and used.")
+    t.add_argument("--config", type=_preset_name, default="shapes", help="preset name (shapes, r50_fpn)")
+    t.add_argument("--train-ann", help="training annotation JSON (COCO format)")
+    t.add_argument("--train-images", help="training image folder (default: images/ beside the JSON)")
+    t.add_argument("--val-ann", help="validation annotation JSON (evaluated every eval_period and at the end)")
+    t.add_argument("--val-images", help="validation image folder (default: images/ beside the JSON)")
+    t.add_argument("--iters", type=_positive_int, help="number of iterations (overrides the preset's)")
+    t.add_argument("--out", help="run folder (default: runs/<config>)")
+    t.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config field, e.g. --set lr=0.01 (repeatable)")
+    t.set_defaults(func=_train, parser=t)
+
+    e = sub.add_parser("eval", help="COCO AP of a checkpoint on an annotated data set")
+    e.add_argument("--checkpoint", required=True, help="a model_*.npz written by train")
+    e.add_argument("--ann", required=True, help="annotation JSON (COCO format)")
+    e.add_argument("--images", help="image folder (default: images/ beside the JSON)")
+    e.add_argument("--out", help="where detections.json and coco_eval.json go "
+                                 "(default: eval_<checkpoint name>/ beside the checkpoint)")
+    e.add_argument("--batch-size", type=_positive_int, default=2, help="images per predict call")
+    e.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    e.set_defaults(func=_eval, parser=e)
+
+    r = sub.add_parser("predict", help="detect objects in image files; draw them and write detections.json")
+    r.add_argument("--checkpoint", required=True, help="a model_*.npz written by train")
+    r.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    r.add_argument("--out", default="predictions", help="output folder (default: predictions/)")
+    r.add_argument("--score-thresh", type=_score, default=0.5, help="keep detections scoring at least this")
+    r.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    r.set_defaults(func=_predict, parser=r)
     return p
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
-    args.func(args)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.func(args, getattr(args, "parser", parser))
+    except USER_ERRORS as e:
+        if os.environ.get("MINIMASK_DEBUG"):
+            raise
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its text
+        print(f"minimask {args.command}: error: {message}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -1,0 +1,169 @@
+"""Evaluation with the official COCO tools (the paper's Sec. 4 metrics).
+
+The paper reports "the standard COCO metrics including AP (averaged over IoU thresholds),
+AP50, AP75, and APS, APM, APL (AP at different scales)", with IoU "computed on masks" for
+instance segmentation and on boxes for detection (Sec. 4).  We do not re-implement those
+metrics: pycocotools' ``COCOeval`` is the reference every paper uses, so we feed it.
+
+Steps:
+
+1. run ``model.predict`` on every image of the data set (in order, batches of ``batch_size``);
+2. write the detections in COCO's *results format*, one dict per detection::
+
+       {"image_id": 42, "category_id": 18, "score": 0.93,
+        "bbox": [x, y, w, h],                                   # the original image's pixels
+        "segmentation": {"size": [H, W], "counts": "..."}}      # compressed RLE, as text
+
+   Labels 1..K go back to the data set's own category ids (COCO's ids have gaps);
+3. run ``COCOeval`` for ``bbox`` and for ``segm`` and keep its 12 summary numbers.
+
+Results are fractions in [0, 1] as COCOeval gives them (papers print them times 100); -1 means
+"no ground truth in this range" (e.g. APl on small images).
+"""
+
+import contextlib
+import io
+import json
+import os
+
+import numpy as np
+import pycocotools.mask as mask_utils
+
+from ..backend import device_of, to_device
+
+# COCOeval.stats, in order (Detectron2's names for the first six).
+STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+
+
+def encode_masks(masks):
+    """(N, H, W) bool masks -> N compressed RLEs with ``counts`` as str (JSON-able)."""
+    masks = np.asarray(masks, dtype=np.uint8)
+    if masks.shape[0] == 0:
+        return []
+    # pycocotools wants (H, W, N) in Fortran (column-major) order: RLE runs go down columns.
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def to_coco_results(prediction, image_id, label_to_cat_id):
+    """One image's prediction dict (boxes xyxy, scores, labels, masks) -> COCO result dicts."""
+    boxes = np.asarray(to_device(prediction["boxes"], "cpu"), dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(to_device(prediction["scores"], "cpu"), dtype=np.float64).reshape(-1)
+    labels = np.asarray(to_device(prediction["labels"], "cpu")).reshape(-1)
+    masks = prediction.get("masks")
+    rles = encode_masks(to_device(masks, "cpu")) if masks is not None else [None] * len(boxes)
+    if not len(boxes) == len(scores) == len(labels) == len(rles):
+        raise ValueError(f"image {image_id}: prediction has {len(boxes)} boxes, {len(scores)} scores, "
+                         f"{len(labels)} labels and {len(rles)} masks; they must match")
+    results = []
+    for (x1, y1, x2, y2), score, label, rle in zip(boxes, scores, labels, rles):
+        if int(label) not in label_to_cat_id:
+            raise ValueError(f"image {image_id}: predicted label {int(label)} is not a class of the data "
+                             f"set (labels 1..{len(label_to_cat_id)})")
+        r = {"image_id": int(image_id), "category_id": int(label_to_cat_id[int(label)]),
+             "bbox": [float(x1), float(y1), float(x2 - x1), float(y2 - y1)],  # xyxy -> xywh
+             "score": float(score)}
+        if rle is not None:
+            r["segmentation"] = rle
+        results.append(r)
+    return results
+
+
+def _image_and_id(dataset, i):
+    """Image ``i`` and its COCO image id; only the image is read (no masks decoded) when the
+    data set can do that (``CocoDataset.load_image``)."""
+    if hasattr(dataset, "load_image") and hasattr(dataset, "image_ids"):
+        image_id = dataset.image_ids[i]
+        return dataset.load_image(image_id), image_id
+    image, target = dataset[i]
+    return image, target["image_id"]
+
+
+def _model_device(model):
+    for p in model.parameters():
+        return device_of(p.data)
+    return "cpu"
+
+
+def predict_dataset(model, dataset, batch_size=2, progress=False):
+    """Run ``model.predict`` over ``dataset`` in order; return the COCO results list."""
+    from ..tensor import no_grad
+
+    if batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
+    device = _model_device(model)
+    was_training = getattr(model, "training", False)
+    model.eval()
+    results = []
+    indices = range(0, len(dataset), batch_size)
+    if progress:
+        from tqdm import tqdm
+
+        indices = tqdm(indices, desc="eval", unit="batch", leave=False)
+    try:
+        with no_grad():
+            for start in indices:
+                items = [_image_and_id(dataset, i) for i in range(start, min(start + batch_size, len(dataset)))]
+                images = [to_device(image, device) for image, _ in items]
+                for (_, image_id), pred in zip(items, model.predict(images)):
+                    results += to_coco_results(pred, image_id, dataset.label_to_cat_id)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def coco_eval(coco_gt, results, iou_type, log=print):
+    """COCOeval's 12 summary numbers for ``iou_type`` ("bbox" or "segm") as a dict.
+
+    pycocotools' ``loadRes`` cannot take an empty list (it reads ``results[0]``), so a model
+    that found nothing gets 0 everywhere, which is what the metric means: no recall.
+    """
+    from pycocotools.cocoeval import COCOeval
+
+    if not results:
+        log(f"{iou_type}: no detections at all, AP = 0")
+        return {name: 0.0 for name in STAT_NAMES}
+    if iou_type == "segm":
+        # With a "bbox" entry present, loadRes would take each detection's area from its box;
+        # for mask AP the area (which decides small/medium/large) must be the mask's.
+        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    quiet = io.StringIO()
+    with contextlib.redirect_stdout(quiet):  # pycocotools prints timings; keep only the table
+        coco_dt = coco_gt.loadRes(results)
+        ev = COCOeval(coco_gt, coco_dt, iou_type)
+        ev.evaluate()
+        ev.accumulate()
+    table = io.StringIO()
+    with contextlib.redirect_stdout(table):
+        ev.summarize()
+    log(f"{iou_type}:\n{table.getvalue().rstrip()}")
+    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+
+
+def evaluate(model, dataset, out_dir=None, batch_size=2, log=print, progress=False):
+    """Predict on every image of ``dataset`` (a ``CocoDataset`` with ``train=False``), score the
+    results with COCOeval, and return ``{"bbox": {"AP": ..., ...}, "segm": {...}}``.
+
+    With ``out_dir``: ``detections.json`` (the results) and ``coco_eval.json`` (the numbers).
+    """
+    if getattr(dataset, "train", False):
+        # train=True drops images without objects; COCOeval would then miss their false positives.
+        raise ValueError("evaluate: the data set was made with train=True; evaluation needs every "
+                         "image (CocoDataset(..., train=False))")
+    results = predict_dataset(model, dataset, batch_size=batch_size, progress=progress)
+    has_masks = any("segmentation" in r for r in results) or not results
+    metrics = {"bbox": coco_eval(dataset.coco, results, "bbox", log=log)}
+    if has_masks:
+        metrics["segm"] = coco_eval(dataset.coco, results, "segm", log=log)
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "detections.json"), "w") as f:
+            json.dump(results, f)
+        with open(os.path.join(out_dir, "coco_eval.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+    return metrics
+
+
+__all__ = ["evaluate", "predict_dataset", "coco_eval", "to_coco_results", "encode_masks", "STAT_NAMES"]

@@ -1,0 +1,142 @@
+"""Prediction on image files: load a checkpoint, detect, draw, write the results.
+
+Inference is the paper's test-time path (Sec. 3.1, "Inference"): proposals, box head, NMS,
+then the mask head on the top detections, each mask resized to its box and binarised at 0.5.
+The model does all of that in ``model.predict``; this file is the plumbing around it:
+
+    predictor = Predictor.from_checkpoint("runs/shapes/model_0001500.npz")
+    pred = predictor(image)                 # boxes, scores, labels, masks with score >= thresh
+    predict_files(predictor, ["a.png"], "out/")   # out/a.png drawn, out/detections.json
+"""
+
+import json
+import os
+
+import numpy as np
+
+from ..backend import to_device
+from .evaluator import encode_masks
+
+
+def load_image(path):
+    """An image file as an (H, W, 3) uint8 RGB array, with a clear error for a missing or
+    unreadable file."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"image file not found: {path}")
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not an image Pillow can read") from None
+
+
+class Predictor:
+    """A model in eval mode plus its class names and a score threshold.
+
+    ``predictor(image)`` takes one (H, W, 3) uint8 RGB array (NumPy) and returns a dict of
+    NumPy arrays: ``boxes`` (N, 4) xyxy in the image's pixels, ``scores``, ``labels`` (1..K)
+    and ``masks`` (N, H, W) bool, keeping the detections scoring at least ``score_thresh``.
+    """
+
+    def __init__(self, model, class_names=(), device="cpu", score_thresh=0.5):
+        self.model = model
+        self.class_names = tuple(class_names)
+        self.device = device
+        self.score_thresh = float(score_thresh)
+        model.to(device)
+        model.eval()
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", score_thresh=0.5, model_fn=None):
+        """Rebuild the model from the config saved in the checkpoint and load its weights
+        (``model_fn(cfg)`` builds it; default ``trainer.build_model``, the real MaskRCNN)."""
+        from . import trainer
+        from .checkpoint import load_checkpoint
+
+        state = load_checkpoint(path)
+        cfg = state["config"]
+        if cfg is None:
+            raise ValueError(f"{path}: the checkpoint has no config, so the model cannot be rebuilt")
+        model = (model_fn or trainer.build_model)(cfg)
+        model.load_state_dict(state["model"])
+        return cls(model, cfg.class_names, device=device, score_thresh=score_thresh)
+
+    def predict(self, images):
+        """Predictions for a list of images (one dict per image, NumPy, thresholded)."""
+        from ..tensor import no_grad
+
+        with no_grad():
+            preds = self.model.predict([to_device(im, self.device) for im in images])
+        out = []
+        for pred in preds:
+            p = {k: np.asarray(to_device(v, "cpu")) for k, v in pred.items()}
+            keep = p["scores"] >= self.score_thresh
+            out.append({k: v[keep] if k in ("boxes", "scores", "labels", "masks") else v
+                        for k, v in p.items()})
+        return out
+
+    def __call__(self, image):
+        return self.predict([image])[0]
+
+    def name(self, label):
+        label = int(label)
+        return self.class_names[label - 1] if 1 <= label <= len(self.class_names) else str(label)
+
+
+def save_drawing(image, pred, class_names, path):
+    """Draw ``pred`` on ``image`` (``viz.draw_detections``) and save it as a PNG at the image's
+    own resolution."""
+    from ..viz import draw_detections, new_figure
+
+    h, w = image.shape[:2]
+    dpi = 100
+    fig = new_figure(w / dpi, h / dpi)
+    ax = fig.add_axes([0, 0, 1, 1])  # the whole figure: no margins around the picture
+    draw_detections(image, pred["boxes"], pred["labels"], pred["scores"], pred.get("masks"),
+                    class_names=class_names, ax=ax)
+    fig.savefig(path, dpi=dpi)
+    return path
+
+
+def predict_files(predictor, paths, out_dir, log=print):
+    """Run ``predictor`` on image files; write ``out_dir/<name>.png`` (the drawing) per image
+    and ``out_dir/detections.json``; return the list of per-image result dicts.
+
+    Every path is checked before any work, so a typo fails at once, not after an hour.
+    """
+    missing = [p for p in paths if not os.path.isfile(p)]
+    if missing:
+        raise FileNotFoundError(f"image file not found: {', '.join(missing)}")
+    os.makedirs(out_dir, exist_ok=True)
+    results, used = [], set()
+    for path in paths:
+        image = load_image(path)
+        pred = predictor(image)
+        stem = os.path.splitext(os.path.basename(path))[0]
+        name, n = stem, 1
+        while name in used:  # two files of the same name from different folders
+            n += 1
+            name = f"{stem}_{n}"
+        used.add(name)
+        drawing = save_drawing(image, pred, predictor.class_names, os.path.join(out_dir, name + ".png"))
+        masks = pred.get("masks")
+        rles = encode_masks(masks) if masks is not None else [None] * len(pred["boxes"])
+        detections = []
+        for box, score, label, rle in zip(pred["boxes"], pred["scores"], pred["labels"], rles):
+            d = {"label": int(label), "class": predictor.name(label), "score": float(score),
+                 "box_xyxy": [float(v) for v in box]}
+            if rle is not None:
+                d["segmentation"] = rle
+            detections.append(d)
+        results.append({"file": os.fspath(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
+                        "drawing": drawing, "detections": detections})
+        log(f"{path}: {len(detections)} detections -> {drawing}")
+    with open(os.path.join(out_dir, "detections.json"), "w") as f:
+        json.dump(results, f, indent=1)
+    return results
+
+
+__all__ = ["Predictor", "predict_files", "load_image", "save_drawing"]

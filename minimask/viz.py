@@ -1,0 +1,163 @@
+"""Drawings with matplotlib: detections (Fig. 2 and 5 of the paper), boxes, masks, loss curves.
+
+Every function draws on a matplotlib ``Axes`` you pass as ``ax``; without one it makes a new
+figure with pyplot (handy in a notebook).  The commands pass their own ``Figure`` (no pyplot,
+no GUI backend), so they run on a server with no display.
+
+Arrays may be NumPy or CuPy (they are copied to the CPU to draw).
+
+    ax = draw_detections(image, pred["boxes"], pred["labels"], pred["scores"], pred["masks"],
+                         class_names=("circle", "triangle", "square"))
+"""
+
+import numpy as np
+
+from .backend import to_device
+
+
+def _cpu(a):
+    return None if a is None else np.asarray(to_device(a, "cpu"))
+
+
+def _axes(ax, image=None):
+    """``ax``, or a new pyplot figure's axes sized to the image."""
+    if ax is not None:
+        return ax
+    import matplotlib.pyplot as plt
+
+    h, w = (image.shape[:2] if image is not None else (480, 640))
+    scale = 6.0 / max(h, w)
+    _, ax = plt.subplots(figsize=(max(3.0, w * scale), max(3.0, h * scale)))
+    return ax
+
+
+def colors(n, seed=0):
+    """``n`` distinct RGB colours in [0, 1] (tab20, then random ones), the same for a given seed."""
+    import matplotlib
+
+    tab20 = np.asarray(matplotlib.colormaps["tab20"].colors)
+    base = np.concatenate([tab20[::2], tab20[1::2]])  # the 10 strong colours, then their light twins
+    if n <= len(base):
+        return base[:n]
+    extra = np.random.default_rng(seed).uniform(0.2, 1.0, size=(n - len(base), 3))
+    return np.concatenate([base, extra])
+
+
+def show_image(image, ax=None):
+    """Show an (H, W, 3) uint8 RGB (or float) image without axes ticks."""
+    image = _cpu(image)
+    ax = _axes(ax, image)
+    ax.imshow(image)
+    ax.set_axis_off()
+    return ax
+
+
+def show_masks(image, masks, ax=None, alpha=0.5, colours=None):
+    """Overlay (N, H, W) masks on ``image`` (or on a black image if it is None), one
+    translucent colour per mask.  Drawn as one RGBA layer, so 100 masks cost one ``imshow``."""
+    masks = _cpu(masks).astype(bool)
+    if masks.ndim != 3:
+        raise ValueError(f"show_masks: expected (N, H, W) masks, got shape {masks.shape}")
+    if image is None:
+        image = np.zeros(masks.shape[1:] + (3,), np.uint8)
+    image = _cpu(image)
+    if masks.shape[1:] != image.shape[:2]:
+        raise ValueError(f"show_masks: masks are {masks.shape[1:]} but the image is {image.shape[:2]}")
+    ax = show_image(image, ax)
+    colours = colors(len(masks)) if colours is None else np.asarray(colours, dtype=float)
+    layer = np.zeros(image.shape[:2] + (4,))
+    for m, c in zip(masks, colours):  # later masks on top, as they would be drawn
+        layer[m, :3] = c[:3]
+        layer[m, 3] = alpha
+    ax.imshow(layer)
+    return ax
+
+
+def draw_boxes(image, boxes, labels=None, ax=None, colours=None, linewidth=1.5, texts=None):
+    """Draw xyxy ``boxes`` (anchors, proposals, ground truth) on ``image`` (None: use ``ax`` as is).
+
+    labels: optional class per box, giving each class its own colour;
+    texts:  optional string per box, written at its top-left corner.
+    """
+    from matplotlib.patches import Rectangle
+
+    boxes = _cpu(boxes).reshape(-1, 4)
+    if image is not None:
+        ax = show_image(image, ax)
+    ax = _axes(ax)
+    if colours is None:
+        if labels is not None:
+            labels = _cpu(labels).reshape(-1).astype(int)
+            palette = colors(int(labels.max(initial=0)) + 1)
+            colours = palette[labels]
+        else:
+            colours = colors(len(boxes))
+    colours = np.atleast_2d(np.asarray(colours, dtype=float))[:, :3]
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        c = colours[i % len(colours)]
+        ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=c, linewidth=linewidth))
+        if texts is not None:
+            ax.text(x1, y1, texts[i], fontsize=8, color="white", va="bottom",
+                    bbox=dict(facecolor=c, alpha=0.8, pad=1, edgecolor="none"))
+    return ax
+
+
+def draw_detections(image, boxes, labels, scores=None, masks=None, class_names=None, ax=None,
+                    score_thresh=0.0, alpha=0.45):
+    """Detections as in the paper's figures: each instance a colour, its mask translucent, its
+    box outlined, and "name 0.93" above the box.  ``class_names[k - 1]`` names label ``k``
+    (label 0 is background); without names the label number is written."""
+    boxes = _cpu(boxes).reshape(-1, 4)
+    labels = _cpu(labels).reshape(-1).astype(int)
+    scores = np.ones(len(boxes)) if scores is None else _cpu(scores).reshape(-1)
+    keep = scores >= score_thresh
+    boxes, labels, scores = boxes[keep], labels[keep], scores[keep]
+    colours = colors(len(boxes))
+    if masks is not None:
+        ax = show_masks(image, _cpu(masks)[keep], ax=ax, alpha=alpha, colours=colours)
+    else:
+        ax = show_image(image, ax)
+
+    def name(k):
+        if class_names is not None and 1 <= k <= len(class_names):
+            return class_names[k - 1]
+        return str(k)
+
+    texts = [f"{name(k)} {s:.2f}" for k, s in zip(labels, scores)]
+    return draw_boxes(None, boxes, ax=ax, colours=colours, texts=texts)
+
+
+def plot_losses(records, ax=None, smooth=20):
+    """Loss curves from ``metrics.jsonl`` records (dicts with ``iter`` and ``loss_*``/``total``).
+
+    Each term is drawn faintly as logged and boldly as a running mean over ``smooth``
+    iterations (single iterations are noisy: each sees a different batch).  Log scale, since
+    the losses fall by orders of magnitude."""
+    ax = _axes(ax)
+    if not records:
+        ax.set_title("no iterations logged")
+        return ax
+    its = np.array([r["iter"] for r in records])
+    keys = [k for k in records[0] if k.startswith("loss") or k == "total"]
+    for k, c in zip(keys, colors(len(keys))):
+        y = np.array([r.get(k, np.nan) for r in records], dtype=float)
+        ax.plot(its, y, color=c, alpha=0.25, linewidth=0.8)
+        w = max(1, min(smooth, len(y)))
+        mean = np.convolve(y, np.ones(w) / w, mode="valid")
+        ax.plot(its[w - 1:], mean, color=c, linewidth=2 if k == "total" else 1.2, label=k)
+    ax.set_yscale("log")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss")
+    ax.legend(fontsize=8)
+    ax.grid(True, alpha=0.3)
+    return ax
+
+
+def new_figure(width=6.0, height=6.0):
+    """A matplotlib ``Figure`` not tied to pyplot (no display needed); ``fig.savefig(path)``."""
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height))
+
+
+__all__ = ["draw_detections", "draw_boxes", "show_masks", "show_image", "plot_losses", "colors", "new_figure"]

@@ -1,0 +1,269 @@
+"""Training engine: checkpoints, metrics, exact resume, NaN stop, clear errors.
+
+The engine must not care which model it trains, so these tests use a tiny fake model whose
+losses depend on the batch (pixel means, where the boxes are, so flips matter), on a running
+buffer (like batch norm's statistics) and on a random sampler (like the RoI sampler): a resume
+that got any of these wrong would give different losses.
+"""
+
+import dataclasses
+import json
+import os
+
+import numpy as np
+import pytest
+
+from minimask import Tensor
+from minimask.data import make_split
+from minimask.engine.checkpoint import (
+    checkpoint_path,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
+from minimask.engine.trainer import seed_samplers, train
+from minimask.models.config import preset
+from minimask.nn import Module, Parameter
+from minimask.ops.matcher import BalancedPositiveNegativeSampler
+from minimask.optim import SGD, WarmupMultiStepLR
+
+
+class FakeModel(Module):
+    """Regresses a number (about 0.8, nudged by where the first box is) from the mean colour."""
+
+    def __init__(self, cfg, nan_at=None, fail_at=None):
+        super().__init__()
+        self.w = Parameter(np.array([[0.5], [-0.3], [0.2]], np.float32))
+        self.bias = Parameter(np.array([0.1], np.float32))
+        self.register_buffer("running", np.zeros(3, np.float32))
+        self.sampler = BalancedPositiveNegativeSampler(8, 0.5, seed=cfg.seed)
+        self.nan_at, self.fail_at, self.calls = nan_at, fail_at, 0
+
+    def forward(self, images, targets):
+        it, self.calls = self.calls, self.calls + 1
+        if it == self.fail_at:
+            raise KeyboardInterrupt("the machine was switched off")
+        feats = np.stack([im.reshape(-1, 3).mean(0) / 255.0 for im in images]).astype(np.float32)
+        xs = np.array([t["boxes"][0, 0] / im.shape[1] for im, t in zip(images, targets)], np.float32)
+        noise = self.sampler.rng.random(len(images)).astype(np.float32)  # a random draw per iteration
+        self.running = 0.9 * self.running + 0.1 * feats.mean(0)
+        pred = (Tensor(feats) @ self.w).reshape(-1) + self.bias
+        loss_fit = ((pred - Tensor(0.8 + 0.05 * xs + 0.01 * noise)) ** 2).mean()
+        loss_reg = (self.w * self.w).sum() * 0.01 + float(self.running.sum()) * 1e-3
+        if it == self.nan_at:
+            loss_reg = loss_reg * float("nan")
+        return {"loss_fit": loss_fit, "loss_reg": loss_reg}
+
+    def predict(self, images):
+        empty = {"boxes": np.zeros((0, 4), np.float32), "scores": np.zeros(0, np.float32),
+                 "labels": np.zeros(0, np.int64)}
+        return [dict(empty, masks=np.zeros((0,) + im.shape[:2], bool)) for im in images]
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    train_json = make_split(str(root), "train", 6, seed=0, size=64)
+    val_json = make_split(str(root), "val", 3, seed=0, size=64)
+    return train_json, val_json
+
+
+def small_cfg(**changes):
+    cfg = preset("shapes")
+    settings = dict(batch_size=2, iters=20, lr=0.2, warmup_iters=5, warmup_factor=0.1, milestones=(15,),
+                    checkpoint_period=5, keep_checkpoints=2, eval_period=0, hflip_prob=0.5, seed=3)
+    settings.update(changes)
+    return dataclasses.replace(cfg, **settings)
+
+
+def run(shapes, out, cfg=None, resume=False, val=False, **model_kw):
+    built = []
+
+    def model_fn(c):
+        built.append(FakeModel(c, **model_kw))
+        return built[-1]
+
+    summary = train(cfg or small_cfg(), shapes[0], val_ann=shapes[1] if val else None, out_dir=str(out),
+                    resume=resume, log=lambda *a: None, model_fn=model_fn, progress=False)
+    return summary, built[-1]
+
+
+def read_metrics(out):
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+# ---------------------------------------------------------------- a whole run
+
+
+def test_run_writes_metrics_checkpoints_plot_and_follows_the_schedule(shapes, tmp_path):
+    summary, model = run(shapes, tmp_path, val=True)
+    cfg = small_cfg()
+
+    records = read_metrics(tmp_path)
+    assert [r["iter"] for r in records] == list(range(20))
+    for r in records:
+        assert set(r) >= {"loss_fit", "loss_reg", "total", "lr", "time"}
+        assert r["total"] == pytest.approx(r["loss_fit"] + r["loss_reg"])
+        # Warmup then one step down, from the formula (not from the scheduler's code).
+        warm = cfg.warmup_factor * (1 - r["iter"] / 5) + r["iter"] / 5 if r["iter"] < 5 else 1.0
+        assert r["lr"] == pytest.approx(cfg.lr * warm * (0.1 if r["iter"] >= 15 else 1.0))
+    assert np.mean([r["loss_fit"] for r in records[-5:]]) < np.mean([r["loss_fit"] for r in records[:5]])
+
+    # Checkpoints every 5, the newest 2 kept; the last one holds the final state.
+    names = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
+    assert names == ["model_0000015.npz", "model_0000020.npz"]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    state = load_checkpoint(latest_checkpoint(str(tmp_path)))
+    assert state["iteration"] == 20 and state["loader"]["seed"] == 3
+    assert state["config"].class_names == ("circle", "triangle", "square")
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(state["model"][k], v)
+    assert len(state["optim"]["state"]) == 2  # the momentum buffers of w and bias
+
+    with open(tmp_path / "loss.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    # The fake model finds nothing, so the final evaluation says AP 0 (and does not crash).
+    assert summary["eval"]["bbox"]["AP"] == 0.0 and summary["eval"]["segm"]["AP"] == 0.0
+    assert (tmp_path / "eval_0000020" / "coco_eval.json").exists()
+    assert summary["final_losses"]["total"] == records[-1]["total"]
+    assert summary["images_per_s"] > 0 and summary["checkpoint"].endswith("model_0000020.npz")
+
+
+@pytest.mark.parametrize("how", ["stopped", "crashed"])
+def test_resume_gives_exactly_the_losses_of_an_uninterrupted_run(shapes, tmp_path, how):
+    _, whole_model = run(shapes, tmp_path / "whole")
+    whole = read_metrics(tmp_path / "whole")
+
+    part = tmp_path / "part"
+    if how == "stopped":  # a 10-iteration run (checkpoint at 10), then asked for 20
+        run(shapes, part, small_cfg(iters=10))
+    else:  # killed during iteration 13: checkpoint at 10, metrics lines up to 12
+        with pytest.raises(KeyboardInterrupt):
+            run(shapes, part, fail_at=13)
+        assert len(read_metrics(part)) == 13
+    _, resumed_model = run(shapes, part, resume=True)
+    resumed = read_metrics(part)
+
+    keys = ("iter", "loss_fit", "loss_reg", "total", "lr")
+    assert [[r[k] for k in keys] for r in resumed] == [[r[k] for k in keys] for r in whole]
+    for k, v in whole_model.state_dict().items():
+        np.testing.assert_array_equal(resumed_model.state_dict()[k], v)
+
+
+def test_nan_loss_stops_with_the_term_the_iteration_and_the_last_checkpoint(shapes, tmp_path):
+    with pytest.raises(FloatingPointError) as err:
+        run(shapes, tmp_path, nan_at=12)
+    good = checkpoint_path(str(tmp_path), 10)
+    assert str(err.value) == f"loss_reg is nan at iteration 12; the last good checkpoint is {good}"
+    assert latest_checkpoint(str(tmp_path)) == good  # nothing written after the bad step
+    assert len(read_metrics(tmp_path)) == 12
+    state = load_checkpoint(good)
+    assert all(np.isfinite(v).all() for v in state["model"].values())
+
+
+def test_nan_before_any_checkpoint_says_so(shapes, tmp_path):
+    with pytest.raises(FloatingPointError, match="loss_reg is nan at iteration 2; the last good checkpoint "
+                                                 r"is none \(no checkpoint was written yet\)"):
+        run(shapes, tmp_path, nan_at=2)
+
+
+# ---------------------------------------------------------------- clear errors
+
+
+def test_fresh_run_refuses_a_folder_with_checkpoints(shapes, tmp_path):
+    run(shapes, tmp_path, small_cfg(iters=5))
+    with pytest.raises(FileExistsError, match="already holds checkpoints .*model_0000005.npz.*--resume"):
+        run(shapes, tmp_path)
+
+
+def test_missing_image_file_is_named(shapes, tmp_path):
+    with open(shapes[0]) as f:
+        data = json.load(f)
+    data["images"][0]["file_name"] = "no_such_image.png"
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(data))
+    images = os.path.join(os.path.dirname(shapes[0]), "images")
+    # Every image is read within 3 batches of 2, so the missing one is met early.
+    with pytest.raises(FileNotFoundError, match="image file not found: .*no_such_image.png"):
+        train(small_cfg(), str(ann), images, out_dir=str(tmp_path / "run"), log=lambda *a: None,
+              model_fn=FakeModel, progress=False)
+
+
+def test_malformed_json_is_named(tmp_path):
+    ann = tmp_path / "broken.json"
+    ann.write_text('{"images": [')
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        train(small_cfg(), str(ann), out_dir=str(tmp_path / "run"), log=lambda *a: None,
+              model_fn=FakeModel, progress=False)
+
+
+def test_class_count_mismatch_says_what_to_set(shapes, tmp_path):
+    with pytest.raises(ValueError, match=r"needs num_classes=4 .*--set num_classes=4"):
+        run(shapes, tmp_path, small_cfg(num_classes=6))
+
+
+# ---------------------------------------------------------------- pieces
+
+
+def test_seed_samplers_depends_only_on_seed_and_iteration():
+    cfg = small_cfg()
+    a, b = FakeModel(cfg), FakeModel(cfg)
+    a.sampler.rng.random(5)  # a different running state must not matter
+    assert seed_samplers(a, 7, 4) == 1
+    seed_samplers(b, 7, 4)
+    np.testing.assert_array_equal(a.sampler.rng.random(3), b.sampler.rng.random(3))
+    seed_samplers(b, 7, 5)
+    assert not np.array_equal(a.sampler.rng.random(3), b.sampler.rng.random(3))
+
+
+def test_checkpoint_round_trip_and_pruning(tmp_path):
+    cfg = small_cfg()
+    model = FakeModel(cfg)
+    opt = SGD([{"params": [model.w], "weight_decay": 1e-4}, {"params": [model.bias], "weight_decay": 0.0}],
+              lr=0.1, momentum=0.9)
+    sched = WarmupMultiStepLR(opt, [3], warmup_iters=2, warmup_factor=0.5)
+    for _ in range(3):  # some momentum and a schedule position worth saving
+        model.w.grad = np.full((3, 1), 0.25, np.float32)
+        model.bias.grad = np.array([-1.0], np.float32)
+        opt.step()
+        sched.step()
+    for it in (20, 100, 5):
+        save_checkpoint(checkpoint_path(str(tmp_path), it), model, opt, sched, cfg, it)
+    # Numeric order, not the order written.
+    assert latest_checkpoint(str(tmp_path)).endswith("model_0000100.npz")
+    state = load_checkpoint(latest_checkpoint(str(tmp_path)))
+    assert state["iteration"] == 100 and state["config"] == cfg
+
+    model2 = FakeModel(cfg)
+    opt2 = SGD([{"params": [model2.w], "weight_decay": 1e-4}, {"params": [model2.bias], "weight_decay": 0.0}],
+               lr=0.1, momentum=0.9)
+    sched2 = WarmupMultiStepLR(opt2, [3], warmup_iters=2, warmup_factor=0.5)
+    model2.load_state_dict(state["model"])
+    opt2.load_state_dict(state["optim"])
+    sched2.load_state_dict(state["scheduler"])
+    np.testing.assert_array_equal(model2.w.data, model.w.data)
+    np.testing.assert_array_equal(model2.running, model.running)
+    assert [g["lr"] for g in opt2.param_groups] == [g["lr"] for g in opt.param_groups]
+    assert sched2.last_iter == 3
+    np.testing.assert_array_equal(opt2.state[id(model2.w)]["momentum_buffer"],
+                                  opt.state[id(model.w)]["momentum_buffer"])
+
+    removed = prune_checkpoints(str(tmp_path), 2)
+    assert [os.path.basename(p) for p in removed] == ["model_0000005.npz"]
+    assert latest_checkpoint(str(tmp_path / "empty")) is None
+
+
+def test_load_checkpoint_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found: .*nope.npz"):
+        load_checkpoint(tmp_path / "nope.npz")
+    bare = tmp_path / "weights.npz"
+    np.savez(bare, w=np.zeros(3))
+    with pytest.raises(ValueError, match="not a minimask checkpoint"):
+        load_checkpoint(bare)
+    junk = tmp_path / "junk.npz"
+    junk.write_bytes(b"not a zip file")
+    with pytest.raises(ValueError, match="junk.npz: not a readable minimask checkpoint"):
+        load_checkpoint(junk)
