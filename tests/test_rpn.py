@@ -417,6 +417,8 @@ def test_clear_errors():
         rpn(feature_stubs(1), [BATCH], BATCH)
     with pytest.raises(ValueError, match="expected 5 feature maps"):
         rpn(feature_stubs(1)[:4], [BATCH], BATCH, [{"boxes": np.zeros((0, 4))}])
+    with pytest.raises(ValueError, match="target box 1 of image 0 .* positive width and height"):
+        rpn.assign_targets(ANCHORS, [{"boxes": np.array([[0, 0, 5, 5], [3, 3, 3, 9.0]])}])
     with pytest.raises(ValueError, match="2 image sizes for a batch of 1"):
         rpn(feature_stubs(1), [BATCH, BATCH], BATCH, [{"boxes": np.zeros((0, 4))}])
 

@@ -244,8 +244,15 @@ class RegionProposalNetwork(nn.Module):
         """
         xp = get_array_module(anchors)
         labels_list, reg_list = [], []
-        for t in targets:
+        for i, t in enumerate(targets):
             gt = xp.asarray(t["boxes"], dtype=anchors.dtype).reshape(-1, 4)
+            # A box of zero area has best IoU 0, which the low-quality rule would turn into
+            # "every anchor is positive", with log(0) regression targets: refuse it.
+            flat = (gt[:, 2] <= gt[:, 0]) | (gt[:, 3] <= gt[:, 1])
+            if bool(flat.any()):
+                j = int(xp.nonzero(flat)[0][0])
+                raise ValueError(f"rpn: target box {j} of image {i} is {gt[j].tolist()}: boxes must be "
+                                 "x1, y1, x2, y2 with positive width and height (drop empty boxes first)")
             labels = xp.zeros((anchors.shape[0],), dtype=xp.int64)  # no objects: all background
             reg = xp.zeros(anchors.shape, dtype=anchors.dtype)
             if gt.shape[0] > 0:
