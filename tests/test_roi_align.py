@@ -114,7 +114,8 @@ def test_border_and_outside_rules():
     x[0, 0, 3, :] = 7.0  # the last row
     # aligned=False, 1x1 output, 1 sample, a box of height 1: the sample is at its centre y
     def at(y):
-        return F.roi_align(Tensor(x), np.array([[0, 1.0, y - 0.5, 2.0, y + 0.5]]), 1, 1.0, 1, False).data.item()
+        box = np.array([[0, 1.0, y - 0.5, 2.0, y + 0.5]])
+        return F.roi_align(Tensor(x), box, 1, 1.0, 1, False).data.item()
 
     assert at(3.5) == 7.0   # between H-1 and H: the last row repeated
     assert at(4.0) == 7.0   # exactly H still counts
@@ -162,7 +163,8 @@ def torch_roi_align(torch, x, rois, output_size, scale, ratio, aligned):
     def axis_matrix(start, size, bins, grid, n):
         """(bins * grid, n): row i interpolates sample i along one axis (0 where outside)."""
         bins_i = torch.arange(bins, dtype=torch.float64)[:, None]
-        pts = (start + bins_i * size / bins + (torch.arange(grid, dtype=torch.float64)[None] + 0.5) * size / bins / grid)
+        grid_i = torch.arange(grid, dtype=torch.float64)[None]
+        pts = start + bins_i * size / bins + (grid_i + 0.5) * size / bins / grid
         pts = pts.reshape(-1)
         inside = ((pts >= -1) & (pts <= n)).double()
         p = pts.clamp(min=0)

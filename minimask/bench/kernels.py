@@ -77,7 +77,8 @@ def main(device="cpu", repeat=5):
     gy = dev(rng.standard_normal(y.shape).astype(np.float32))
     fwd = _median_ms(lambda: roi_align_forward(x, rois, *args), repeat, sync)
     bwd = _median_ms(lambda: roi_align_backward(gy, rois, x.shape, 1 / 16, 2, True), repeat, sync)
-    print(f"RoIAlign 512 boxes 7x7 sampling 2, map 2x256x50x84:  forward {fwd:8.2f} ms   backward {bwd:8.2f} ms")
+    print(f"RoIAlign 512 boxes 7x7 sampling 2, map 2x256x50x84:  forward {fwd:8.2f} ms   "
+          f"backward {bwd:8.2f} ms")
 
     # ---- RoIAlign over four FPN levels -----------------------------------------------------------
     rois_fpn_np = random_boxes(rng, 512, 800, 1333, min_size=16, max_size=800)
@@ -106,7 +107,8 @@ def main(device="cpu", repeat=5):
     _, argmax = roi_pool_forward(x, rois, (7, 7), 1 / 16)
     fwd = _median_ms(lambda: roi_pool_forward(x, rois, (7, 7), 1 / 16), repeat, sync)
     bwd = _median_ms(lambda: roi_pool_backward(gy, rois, argmax, x.shape), repeat, sync)
-    print(f"RoIPool  512 boxes 7x7, map 2x256x50x84:             forward {fwd:8.2f} ms   backward {bwd:8.2f} ms")
+    print(f"RoIPool  512 boxes 7x7, map 2x256x50x84:             forward {fwd:8.2f} ms   "
+          f"backward {bwd:8.2f} ms")
 
     # ---- NMS -----------------------------------------------------------------------------------
     try:

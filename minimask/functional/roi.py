@@ -49,7 +49,8 @@ def _check(x, rois, name):
         rois = to_device(rois, "gpu" if is_cupy_array(x) else "cpu")
     rois = xp.asarray(rois, dtype=xp.float64)
     if rois.ndim != 2 or rois.shape[1] != 5:
-        raise ValueError(f"{name}: rois must be (K, 5) rows of [batch_index, x1, y1, x2, y2], got shape {rois.shape}")
+        raise ValueError(f"{name}: rois must be (K, 5) rows of [batch_index, x1, y1, x2, y2], "
+                         f"got shape {rois.shape}")
     if len(rois):
         b = rois[:, 0]
         if bool((b != xp.floor(b)).any()) or bool((b < 0).any()) or bool((b >= x.shape[0]).any()):
@@ -69,7 +70,8 @@ class RoIAlignFn(Function):
 
     def __init__(self, rois, output_size, spatial_scale=1.0, sampling_ratio=0, aligned=True):
         self.rois, self.output_size = rois, _output_size(output_size)
-        self.spatial_scale, self.sampling_ratio, self.aligned = float(spatial_scale), int(sampling_ratio), bool(aligned)
+        self.spatial_scale, self.sampling_ratio = float(spatial_scale), int(sampling_ratio)
+        self.aligned = bool(aligned)
 
     def forward(self, x):
         self.rois = _check(x, self.rois, "roi_align")
@@ -90,7 +92,8 @@ class RoIPoolFn(Function):
     """
 
     def __init__(self, rois, output_size, spatial_scale=1.0):
-        self.rois, self.output_size, self.spatial_scale = rois, _output_size(output_size), float(spatial_scale)
+        self.rois, self.output_size = rois, _output_size(output_size)
+        self.spatial_scale = float(spatial_scale)
 
     def forward(self, x):
         self.rois = _check(x, self.rois, "roi_pool")

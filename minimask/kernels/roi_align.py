@@ -84,7 +84,8 @@ def bilinear_neighbours(y, x, height, width):
         x_high = x_low + 1
     ly, lx = y - y_low, x - x_low
     hy, hx = 1.0 - ly, 1.0 - lx
-    return [(y_low, x_low, hy * hx), (y_low, x_high, hy * lx), (y_high, x_low, ly * hx), (y_high, x_high, ly * lx)]
+    return [(y_low, x_low, hy * hx), (y_low, x_high, hy * lx),
+            (y_high, x_low, ly * hx), (y_high, x_high, ly * lx)]
 
 
 def bin_samples(geometry, ph, pw, height, width):
@@ -223,8 +224,10 @@ def _forward_numba(x, feat, windows, rois, oh, ow, spatial_scale, sampling_ratio
 
     - ``whole_map``: ``feat`` (N, H, W, C), one transposed copy of x shared by all boxes; or
     - each box copies just the window of cells it reads from x (N, C, H, W) into its own
-      (rows, cols, C) buffer: far less memory traffic when the boxes are small next to the
-      map (the FPN levels: a 200x336 map is 138 MB at 256 channels, a box reads ~100 cells).
+      (rows, cols, C) buffer: less memory when boxes are small next to the map (a 200x336 FPN
+      level is 138 MB at 256 channels, a box there reads a few hundred cells).  In practice
+      this copy loop is slower than NumPy's transpose of the whole map, so the forward uses
+      the map unless told otherwise (the backward is another story: ``_use_whole_map``).
     """
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
     for k in prange(rois.shape[0]):
@@ -452,12 +455,13 @@ def _launch_cuda(name, src, rois, dst, C, H, W, oh, ow, spatial_scale, sampling_
     total = len(rois) * C * oh * ow
     if total == 0:
         return
-    rois = cupy.ascontiguousarray(rois, dtype=cupy.float64)
+    rois = cupy.ascontiguousarray(cupy.asarray(rois, dtype=cupy.float64))
     threads = 256
     _cuda_kernel(name, dst.dtype)(
         ((total + threads - 1) // threads,), (threads,),
         (cupy.ascontiguousarray(src), rois, dst, np.int64(total), np.int32(C), np.int32(H), np.int32(W),
-         np.int32(oh), np.int32(ow), np.float64(spatial_scale), np.int32(sampling_ratio), np.int32(bool(aligned))))
+         np.int32(oh), np.int32(ow), np.float64(spatial_scale), np.int32(sampling_ratio),
+         np.int32(bool(aligned))))
 
 
 # ---- dispatch ----------------------------------------------------------------------------------
@@ -473,7 +477,8 @@ def roi_align_forward(x, rois, output_size, spatial_scale=1.0, sampling_ratio=0,
         import cupy
 
         out = cupy.zeros((len(rois), C, oh, ow), dtype=x.dtype)
-        _launch_cuda("roi_align_forward", x, rois, out, C, H, W, oh, ow, spatial_scale, sampling_ratio, aligned)
+        _launch_cuda("roi_align_forward", x, rois, out, C, H, W, oh, ow,
+                     spatial_scale, sampling_ratio, aligned)
         return out
     out = np.zeros((len(rois), C, oh, ow), dtype=x.dtype)
     if len(rois) == 0 or x.size == 0:
@@ -498,7 +503,8 @@ def roi_align_backward(gy, rois, x_shape, spatial_scale=1.0, sampling_ratio=0, a
         import cupy
 
         gx = cupy.zeros(x_shape, dtype=gy.dtype)
-        _launch_cuda("roi_align_backward", gy, rois, gx, C, H, W, oh, ow, spatial_scale, sampling_ratio, aligned)
+        _launch_cuda("roi_align_backward", gy, rois, gx, C, H, W, oh, ow,
+                     spatial_scale, sampling_ratio, aligned)
         return gx
     gx = np.zeros(x_shape, dtype=gy.dtype)
     if K == 0 or gx.size == 0:
@@ -508,7 +514,8 @@ def roi_align_backward(gy, rois, x_shape, spatial_scale=1.0, sampling_ratio=0, a
     windows = _windows(rois, oh, ow, *settings, H, W)
     whole_map = _use_whole_map(windows, x_shape, layout, "windows")
     gx_last = np.zeros((N, H, W, C) if whole_map else (1, 1, 1, C), dtype=gy.dtype)
-    _backward_numba(np.ascontiguousarray(gy), windows, rois, *settings, _channel_chunk(C), whole_map, gx_last, gx)
+    _backward_numba(np.ascontiguousarray(gy), windows, rois, *settings, _channel_chunk(C), whole_map,
+                    gx_last, gx)
     if whole_map:
         gx = np.ascontiguousarray(gx_last.transpose(0, 3, 1, 2))
     return gx

@@ -198,6 +198,13 @@ def _cuda_kernel(name, dtype):
     return _cuda_kernels[key]
 
 
+def _device_rois(rois):
+    """rois as a contiguous float64 CuPy array (the kernels read them as double)."""
+    import cupy
+
+    return cupy.ascontiguousarray(cupy.asarray(rois, dtype=cupy.float64))
+
+
 # ---- dispatch ----------------------------------------------------------------------------------
 def roi_pool_forward(x, rois, output_size, spatial_scale=1.0):
     """(out, argmax), each (K, C, oh, ow); Numba or CUDA by array type."""
@@ -214,7 +221,7 @@ def roi_pool_forward(x, rois, output_size, spatial_scale=1.0):
             threads = 256
             _cuda_kernel("roi_pool_forward", x.dtype)(
                 ((total + threads - 1) // threads,), (threads,),
-                (cupy.ascontiguousarray(x), cupy.ascontiguousarray(rois, dtype=cupy.float64), out, argmax,
+                (cupy.ascontiguousarray(x), _device_rois(rois), out, argmax,
                  np.int64(total), np.int32(C), np.int32(H), np.int32(W), np.int32(oh), np.int32(ow),
                  np.float64(spatial_scale)))
         return out, argmax
@@ -238,7 +245,7 @@ def roi_pool_backward(gy, rois, argmax, x_shape):
             threads = 256
             _cuda_kernel("roi_pool_backward", gy.dtype)(
                 ((total + threads - 1) // threads,), (threads,),
-                (cupy.ascontiguousarray(gy), cupy.ascontiguousarray(rois, dtype=cupy.float64), argmax, gx,
+                (cupy.ascontiguousarray(gy), _device_rois(rois), argmax, gx,
                  np.int64(total), np.int32(C), np.int32(H), np.int32(W), np.int32(gy.shape[2]),
                  np.int32(gy.shape[3])))
         return gx
