@@ -125,10 +125,11 @@ def coco_eval(coco_gt, results, iou_type, log=print):
     if not results:
         log(f"{iou_type}: no detections at all, AP = 0")
         return {name: 0.0 for name in STAT_NAMES}
-    if iou_type == "segm":
-        # With a "bbox" entry present, loadRes would take each detection's area from its box;
-        # for mask AP the area (which decides small/medium/large) must be the mask's.
-        results = [{k: v for k, v in r.items() if k != "bbox"} for r in results]
+    # loadRes writes "area", "id" and "iscrowd" into the dicts it is given: hand it copies.
+    # For masks, also drop "bbox": with it present loadRes would take each detection's area
+    # from its box, and the area (which decides small/medium/large) must be the mask's.
+    drop = {"bbox"} if iou_type == "segm" else set()
+    results = [{k: v for k, v in r.items() if k not in drop} for r in results]
     quiet = io.StringIO()
     with contextlib.redirect_stdout(quiet):  # pycocotools prints timings; keep only the table
         coco_dt = coco_gt.loadRes(results)

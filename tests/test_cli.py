@@ -1,0 +1,171 @@
+"""The ``minimask`` command: help on every sub-command, clear errors with the right exit codes,
+and train -> predict -> eval end to end with a tiny fake model (the real one is tested with
+the models).  Also the drawings of ``viz`` that ``predict`` writes."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from minimask import Tensor
+from minimask.cli import main
+from minimask.data import make_split
+from minimask.engine import trainer
+from minimask.engine.predictor import save_drawing
+from minimask.nn import Module, Parameter
+
+
+class FakeModel(Module):
+    """Trains a bias toward the mean pixel; always 'detects' one circle at (8, 8, 40, 40) with
+    score 0.9 and one square with score 0.3 (under predict's default threshold)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        self.bias = Parameter(np.zeros(1, np.float32))
+
+    def forward(self, images, targets):
+        mean = float(np.mean([im.mean() for im in images])) / 255.0
+        return {"loss_fake": ((self.bias - mean) ** 2).sum(), "loss_const": Tensor(np.float32(0.5))}
+
+    def predict(self, images):
+        out = []
+        for im in images:
+            masks = np.zeros((2,) + im.shape[:2], bool)
+            masks[0, 8:40, 8:40] = True
+            masks[1, 2:6, 2:6] = True
+            out.append({"boxes": np.array([[8, 8, 40, 40], [2, 2, 6, 6]], np.float32),
+                        "scores": np.array([0.9, 0.3], np.float32), "labels": np.array([1, 3]),
+                        "masks": masks})
+        return out
+
+
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    return make_split(str(root), "train", 4, seed=0, size=64), make_split(str(root), "val", 2, seed=0, size=64)
+
+
+def fail(argv, capsys):
+    """Run a command that must fail on its flags: exit code 2 and the message on stderr."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", [["train"], ["eval"], ["predict"], ["data", "shapes"], ["bench"], []])
+def test_help_works_everywhere(command, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(command + ["--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: minimask")
+    if command == ["train"]:
+        assert "--resume" in out and "--set KEY=VALUE" in out and "--train-ann" in out
+    if command == ["predict"]:
+        assert "--score-thresh" in out and "IMAGE" in out
+
+
+def test_unknown_preset_lists_the_valid_ones(capsys):
+    err = fail(["train", "--config", "r101_magic"], capsys)
+    assert "unknown preset 'r101_magic': choose one of ['r50_fpn', 'shapes']" in err
+    assert "Traceback" not in err
+
+
+def test_bad_flag_values_say_what_is_expected(capsys):
+    assert "--set lrr: no such config field" in fail(["train", "--set", "lrr=0.1"], capsys)
+    err = fail(["train", "--set", "norm=gn"], capsys)
+    assert "norm='gn' is not one of ['frozen_bn', 'bn']" in err
+    assert "expected key=value" in fail(["train", "--set", "lr"], capsys)
+    assert "expected a positive whole number, got -3" in fail(["train", "--iters", "-3"], capsys)
+    assert "invalid choice: 'tpu'" in fail(["train", "--device", "tpu"], capsys)
+    assert "expected a number in [0, 1], got 2.0" in fail(["predict", "--checkpoint", "c.npz", "a.png",
+                                                           "--score-thresh", "2"], capsys)
+    assert "--train-ann is needed for --config r50_fpn" in fail(["train", "--config", "r50_fpn"], capsys)
+
+
+def test_runtime_errors_are_one_line_with_exit_code_1(shapes, tmp_path, capsys):
+    assert main(["predict", "--checkpoint", "c.npz", str(tmp_path / "nope.png")]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"minimask predict: error: image file not found: {tmp_path / 'nope.png'}"
+
+    assert main(["eval", "--checkpoint", str(tmp_path / "none.npz"), "--ann", shapes[1]]) == 1
+    assert f"checkpoint not found: {tmp_path / 'none.npz'}" in capsys.readouterr().err
+
+    broken = tmp_path / "broken.json"
+    broken.write_text("{'images': []}")  # single quotes: not JSON
+    assert main(["eval", "--checkpoint", "c.npz", "--ann", str(broken)]) == 1
+    err = capsys.readouterr().err
+    assert "broken.json: not valid JSON" in err and "Traceback" not in err
+
+
+def test_train_predict_eval_end_to_end(shapes, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(trainer, "build_model", FakeModel)
+    run = tmp_path / "run"
+    assert main(["train", "--train-ann", shapes[0], "--val-ann", shapes[1], "--iters", "4", "--out", str(run),
+                 "--set", "batch_size=2", "--set", "checkpoint_period=2", "--set", "warmup_iters=1"]) == 0
+    assert sorted(f for f in os.listdir(run) if f.endswith(".npz")) == ["model_0000002.npz",
+                                                                        "model_0000004.npz"]
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 4
+    assert (run / "loss.png").exists()
+    assert json.loads((run / "config.json").read_text())["iters"] == 4
+    assert "bbox AP" in capsys.readouterr().out
+
+    # Continuing to 6 iterations from the checkpoint at 4.
+    assert main(["train", "--train-ann", shapes[0], "--iters", "6", "--out", str(run), "--resume",
+                 "--set", "batch_size=2", "--set", "checkpoint_period=2", "--set", "warmup_iters=1"]) == 0
+    assert len((run / "metrics.jsonl").read_text().splitlines()) == 6
+
+    images = os.path.join(os.path.dirname(shapes[1]), "images")
+    image = os.path.join(images, "val_000000.png")
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", str(run / "model_0000006.npz"), image, "--out", str(out)]) == 0
+    drawing = Image.open(out / "val_000000.png")
+    assert drawing.size == (64, 64)  # drawn at the image's own resolution
+    (result,) = json.loads((out / "detections.json").read_text())
+    # The square scored 0.3 < 0.5 is dropped; the names come from the data set.
+    assert [(d["class"], d["score"]) for d in result["detections"]] == [("circle", pytest.approx(0.9))]
+    assert result["detections"][0]["box_xyxy"] == [8, 8, 40, 40]
+
+    ev = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(run / "model_0000006.npz"), "--ann", shapes[1],
+                 "--out", str(ev)]) == 0
+    metrics = json.loads((ev / "coco_eval.json").read_text())
+    assert set(metrics) == {"bbox", "segm"} and 0.0 <= metrics["bbox"]["AP"] <= 1.0
+    assert len(json.loads((ev / "detections.json").read_text())) == 4  # 2 images x 2 detections
+
+
+def test_train_without_data_flags_makes_shapes(tmp_path, monkeypatch):
+    import minimask.data.shapes as shapes_module
+
+    made = []
+
+    def tiny_shapes(out_dir, **kw):  # the real defaults (1000 + 200 images) take a minute
+        made.append(out_dir)
+        return (make_split(out_dir, "train", 2, size=64), make_split(out_dir, "val", 1, size=64))
+
+    monkeypatch.setattr(shapes_module, "make_shapes", tiny_shapes)
+    monkeypatch.setattr(trainer, "build_model", FakeModel)
+    monkeypatch.chdir(tmp_path)
+    argv = ["train", "--iters", "1", "--set", "batch_size=1"]
+    assert main(argv) == 0
+    assert made == ["data/shapes"]
+    assert (tmp_path / "runs" / "shapes" / "model_0000001.npz").exists()
+    # A second fresh run into the same folder is refused (and does not regenerate the data).
+    assert main(argv) == 1
+    assert made == ["data/shapes"]
+
+
+def test_drawing_shows_masks_in_colour_and_leaves_the_rest(tmp_path):
+    image = np.zeros((48, 64, 3), np.uint8)
+    masks = np.zeros((1, 48, 64), bool)
+    masks[0, 10:30, 12:40] = True
+    pred = {"boxes": np.array([[12, 10, 40, 30]], np.float32), "scores": np.array([0.93]),
+            "labels": np.array([2]), "masks": masks}
+    path = save_drawing(image, pred, ("circle", "triangle"), str(tmp_path / "d.png"))
+    drawn = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    assert drawn.shape == (48, 64, 3)
+    assert drawn[20, 26].sum() > 60      # inside the mask: tinted
+    assert drawn[40, 55].sum() == 0      # far from everything: still black
