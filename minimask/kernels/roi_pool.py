@@ -97,11 +97,24 @@ def _round_half_away(v):
     return int(r) if v >= 0 else -int(r)
 
 
+@njit(cache=True, inline="never")
+def _take_max(best, best_idx, src, h, w, idx):
+    """Per channel: keep src[h, w, c] if it beats best[c] (strict >: the first maximum wins).
+
+    A loop over contiguous channels that the compiler vectorizes (compare and select)."""
+    for c in range(best.shape[0]):
+        v = src[h, w, c]
+        if v > best[c]:
+            best[c] = v
+            best_idx[c] = idx
+
+
 @njit(cache=True, parallel=True)
-def _forward_numba(x, rois, oh, ow, spatial_scale, out, argmax):
-    """Boxes are independent: prange over boxes; each scans its bins' windows per channel,
-    reading rows of a (H, W) plane contiguously."""
-    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+def _forward_numba(feat, rois, oh, ow, spatial_scale, out, argmax):
+    """Boxes are independent: prange over boxes.  ``feat`` is channels-last (N, H, W, C), so
+    each cell of a bin's window updates the running maximum of all channels at once (the same
+    layout reason as in roi_align.py's ``_forward_numba``)."""
+    H, W, C = feat.shape[1], feat.shape[2], feat.shape[3]
     for k in prange(rois.shape[0]):
         n = int(rois[k, 0])
         start_x = _round_half_away(rois[k, 1] * spatial_scale)
@@ -110,24 +123,26 @@ def _forward_numba(x, rois, oh, ow, spatial_scale, out, argmax):
         roi_h = max(_round_half_away(rois[k, 4] * spatial_scale) - start_y + 1, 1)
         bin_h = roi_h / oh
         bin_w = roi_w / ow
+        best = np.empty(C, dtype=out.dtype)
+        best_idx = np.empty(C, dtype=np.int64)
+        src = feat[n]
         for ph in range(oh):
             h0 = min(max(int(math.floor(ph * bin_h)) + start_y, 0), H)
             h1 = min(max(int(math.ceil((ph + 1) * bin_h)) + start_y, 0), H)
             for pw in range(ow):
                 w0 = min(max(int(math.floor(pw * bin_w)) + start_x, 0), W)
                 w1 = min(max(int(math.ceil((pw + 1) * bin_w)) + start_x, 0), W)
+                if h1 <= h0 or w1 <= w0:
+                    continue  # empty bin: out stays 0, argmax -1
+                best[:] = src[h0, w0]  # the first cell, then the others in row-major order
+                best_idx[:] = h0 * W + w0
+                for h in range(h0, h1):
+                    for w in range(w0, w1):
+                        if h > h0 or w > w0:
+                            _take_max(best, best_idx, src, h, w, h * W + w)
                 for c in range(C):
-                    best_idx = -1
-                    best = x[n, c, 0, 0]  # overwritten at the first cell (best_idx < 0)
-                    for h in range(h0, h1):
-                        for w in range(w0, w1):
-                            v = x[n, c, h, w]
-                            if best_idx < 0 or v > best:
-                                best = v
-                                best_idx = h * W + w
-                    if best_idx >= 0:
-                        out[k, c, ph, pw] = best
-                    argmax[k, c, ph, pw] = best_idx
+                    out[k, c, ph, pw] = best[c]
+                    argmax[k, c, ph, pw] = best_idx[c]
 
 
 @njit(cache=True, parallel=True)
@@ -228,8 +243,9 @@ def roi_pool_forward(x, rois, output_size, spatial_scale=1.0):
     out = np.zeros((K, C, oh, ow), dtype=x.dtype)
     argmax = np.full((K, C, oh, ow), -1, dtype=np.int64)
     if K and C and H and W:
-        _forward_numba(np.ascontiguousarray(x), np.ascontiguousarray(rois, dtype=np.float64), oh, ow,
-                       float(spatial_scale), out, argmax)
+        x_last = np.ascontiguousarray(x.transpose(0, 2, 3, 1))  # channels-last (see _forward_numba)
+        _forward_numba(x_last, np.ascontiguousarray(rois, dtype=np.float64), oh, ow, float(spatial_scale),
+                       out, argmax)
     return out, argmax
 
 
