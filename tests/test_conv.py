@@ -7,7 +7,7 @@ import minimask
 from minimask import Tensor, gradcheck
 from minimask.backend import to_device
 from minimask.functional import conv2d, conv_transpose2d, max_pool2d
-from minimask.functional.conv import Conv2dFn, col2im, im2col
+from minimask.functional.conv import CHUNK_BYTES, Conv2dFn, col2im, im2col
 
 
 def _pair(v):
@@ -120,6 +120,19 @@ def test_conv2d_without_bias_gradcheck(rng):
     assert gradcheck(lambda x, w: conv2d(x, w, stride=2, padding=1), [x, w])
 
 
+@pytest.mark.parametrize("budget", [1, 2000, 13000])  # bands of 1 row, of 2 rows; 2 images a chunk
+@pytest.mark.parametrize("stride", [1, 2])
+def test_conv2d_in_chunks(rng, monkeypatch, budget, stride):
+    """Columns built a chunk at a time (images or bands of rows) give the same conv and gradients."""
+    monkeypatch.setitem(CHUNK_BYTES, "cpu", budget)
+    x, w, b = t64(rng, 3, 2, 7, 6), t64(rng, 3, 2, 3, 3), t64(rng, 3)
+    y = conv2d(x, w, b, stride=stride, padding=1)
+    np.testing.assert_allclose(y.data, loop_conv2d(x.data, w.data, b.data, stride, 1), rtol=1e-10, atol=1e-10)
+    assert gradcheck(lambda x, w, b: conv2d(x, w, b, stride=stride, padding=1), [x, w, b])
+    xt, wt = t64(rng, 3, 2, 4, 5), t64(rng, 2, 3, 3, 3)
+    assert gradcheck(lambda x, w: conv_transpose2d(x, w, stride=stride, padding=1), [xt, wt])
+
+
 def test_conv2d_frozen_weight_gives_input_grad_only(rng):
     """A frozen layer (w, b not requiring grad) still passes the gradient to x, and w.grad stays None."""
     x = t64(rng, 2, 3, 5, 5)
@@ -147,7 +160,7 @@ def test_im2col_and_col2im_are_adjoint(rng):
     """<im2col(x), c> = <x, col2im(c)>: col2im is exactly the transpose of the gather."""
     args = ((3, 2), (2, 1), (1, 2), (2, 1))  # kernel, stride, padding, dilation
     x = rng.standard_normal((2, 3, 7, 6))
-    cols, _ = im2col(x, *args)
+    cols = im2col(x, *args)
     c = rng.standard_normal(cols.shape)
     assert np.isclose((cols * c).sum(), (x * col2im(c, x.shape, *args)).sum(), rtol=1e-12)
 
@@ -356,3 +369,13 @@ def test_public_names():
     assert minimask.functional.conv2d is conv2d
     assert minimask.functional.conv_transpose2d is conv_transpose2d
     assert minimask.functional.max_pool2d is max_pool2d
+
+
+def test_bench_ops_runs(monkeypatch, capsys):
+    """`minimask bench ops` prints one row per shape (tiny shapes here: it times, tests nothing)."""
+    from minimask.bench import ops
+
+    monkeypatch.setattr(ops, "CASES", [("tiny 3x3", 1, 2, 6, 3, 3, 1, 1), ("tiny 1x1", 1, 2, 5, 3, 1, 2, 0)])
+    ops.main(device="cpu", repeat=1)
+    out = capsys.readouterr().out
+    assert "tiny 3x3" in out and "tiny 1x1" in out

@@ -93,72 +93,184 @@ def _check_same_dtype(op, **arrays):
                         ", ".join(f"{k} {v}" for k, v in dtypes.items()))
 
 
-# ---- im2col / col2im: the gather and its adjoint (the scatter) ----------------------------
-def _window_slices(k, s, d, out):
-    """For each kernel offset i, the slice of the padded input that offset i reads."""
-    return [slice(i * d, i * d + s * (out - 1) + 1, s) for i in range(k)]
+# ---- geometry: which padded input pixels each output pixel reads --------------------------
+class ConvGeometry:
+    """Sizes of one convolution, and the input slices each kernel offset reads.
 
-
-def _padded_channel_major(x, padding):
-    """x as a zero-padded (C, N, Hp, Wp) array: the layout both methods slice from."""
-    xp = get_array_module(x)
-    (ph, pw), (n, c, h, w) = padding, x.shape
-    xt = xp.zeros((c, n, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
-    xt[:, :, ph:ph + h, pw:pw + w] = x.transpose(1, 0, 2, 3)
-    return xt
-
-
-def im2col(x, kernel, stride, padding, dilation):
-    """Columns (C kh kw, N Ho Wo) of a (N, C, H, W) array, and (Ho, Wo).
-
-    Copies x channel-major into a zero-padded (C, N, Hp, Wp) buffer once, then one strided
-    slice copy per kernel offset (i, j) fills the rows (c, i, j) for every channel c.
+    Output pixel (u, v) with kernel offset (i, j) reads padded-input pixel
+    (s u + d i, s v + d j); for a band of output rows u0 <= u < u1 and all columns v that is
+    one strided slice of the padded input per (i, j).
     """
-    xp = get_array_module(x)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+
+    def __init__(self, in_hw, kernel, stride, padding, dilation, op="conv2d"):
+        (self.h, self.w), (self.kh, self.kw) = in_hw, kernel
+        self.stride, self.padding, self.dilation = stride, padding, dilation
+        self.ho = _out_size(self.h, self.kh, stride[0], padding[0], dilation[0], op)
+        self.wo = _out_size(self.w, self.kw, stride[1], padding[1], dilation[1], op)
+        # a 1x1, stride-1, unpadded conv reads each pixel once: its columns ARE the image
+        self.pointwise = kernel == (1, 1) and stride == (1, 1) and padding == (0, 0)
+
+    def rows(self, i, u0, u1):
+        s, d = self.stride[0], self.dilation[0]
+        return slice(u0 * s + i * d, (u1 - 1) * s + i * d + 1, s)
+
+    def cols(self, j):
+        s, d = self.stride[1], self.dilation[1]
+        return slice(j * d, j * d + s * (self.wo - 1) + 1, s)
+
+
+def _pad(x, padding):
+    """Zero-padded copy of x's last two axes (x itself when there is no padding)."""
+    ph, pw = padding
+    if ph == pw == 0:
+        return x
     n, c, h, w = x.shape
-    ho = _out_size(h, kh, sh, ph, dh, "conv2d")
-    wo = _out_size(w, kw, sw, pw, dw, "conv2d")
-    xt = _padded_channel_major(x, padding)
-    cols = xp.empty((c, kh, kw, n, ho, wo), dtype=x.dtype)
-    rows, columns = _window_slices(kh, sh, dh, ho), _window_slices(kw, sw, dw, wo)
-    for i in range(kh):
-        for j in range(kw):
-            cols[:, i, j] = xt[:, :, rows[i], columns[j]]
-    return cols.reshape(c * kh * kw, n * ho * wo), (ho, wo)
+    out = get_array_module(x).zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=x.dtype)
+    out[:, :, ph:ph + h, pw:pw + w] = x
+    return out
 
 
-def col2im(cols, x_shape, kernel, stride, padding, dilation):
-    """The adjoint of im2col: add each column entry back onto the pixel it came from.
+def _unpad(xpad, padding, h, w):
+    ph, pw = padding
+    return get_array_module(xpad).ascontiguousarray(xpad[:, :, ph:ph + h, pw:pw + w])
 
-    Returns a (N, C, H, W) array.  Overlapping windows read a pixel several times, so its
-    gradient is the sum over those reads: one slice addition per kernel offset.
+
+# ---- im2col / col2im: the gather and its adjoint (the scatter) ----------------------------
+def _gather(xpad, g, u0, u1):
+    """Columns (m, C kh kw, (u1 - u0) Wo) of padded images xpad (m, C, Hp, Wp), output rows u0:u1.
+
+    One strided slice copy per kernel offset (i, j) fills the rows (c, i, j) for every channel c
+    at once: kh*kw array operations, no per-pixel Python loop.
     """
-    xp = get_array_module(cols)
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
+    m, c = xpad.shape[:2]
+    if g.pointwise:
+        return xpad[:, :, u0:u1].reshape(m, c, (u1 - u0) * g.wo)
+    cols = get_array_module(xpad).empty((m, c, g.kh, g.kw, u1 - u0, g.wo), dtype=xpad.dtype)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            cols[:, :, i, j] = xpad[:, :, g.rows(i, u0, u1), g.cols(j)]
+    return cols.reshape(m, c * g.kh * g.kw, (u1 - u0) * g.wo)
+
+
+def _scatter_add(gxpad, cols, g, u0, u1):
+    """The adjoint of _gather: add each column entry back onto the pixel it was read from.
+
+    A pixel read by several windows (overlap, k > s) receives the sum of their gradients,
+    as the chain rule wants; slices never repeat a pixel, so plain += is exact.
+    """
+    m, c = gxpad.shape[:2]
+    cols = cols.reshape(m, c, g.kh, g.kw, u1 - u0, g.wo)
+    for i in range(g.kh):
+        for j in range(g.kw):
+            gxpad[:, :, g.rows(i, u0, u1), g.cols(j)] += cols[:, :, i, j]
+
+
+# Columns are kh*kw times the size of the input: about 1.2 GB for FPN's 3x3 conv on P2 at
+# 800x1333, batch 2.  So they are built a chunk at a time (several images, or a band of output
+# rows of one image) into buffers of at most this many bytes, GEMM'd and dropped.  Besides the
+# memory, small chunks are faster on the CPU: the columns are still in cache when the GEMM reads
+# them, and freed buffers are reused instead of fresh pages.  On the GPU, bigger chunks keep
+# the GEMMs large.
+CHUNK_BYTES = {"cpu": 4 * 2**20, "gpu": 512 * 2**20}
+
+
+def _chunks(n, g, channels, itemsize, xp):
+    """(n0, n1, u0, u1) blocks of images n0:n1 and output rows u0:u1 covering the output."""
+    if g.pointwise:  # no column buffer at all
+        yield 0, n, 0, g.ho
+        return
+    budget = CHUNK_BYTES["cpu" if xp is np else "gpu"]
+    row_bytes = channels * g.kh * g.kw * g.wo * itemsize
+    if g.ho * row_bytes <= budget:  # whole images, as many as fit
+        step = max(1, budget // (g.ho * row_bytes))
+        for n0 in range(0, n, step):
+            yield n0, min(n, n0 + step), 0, g.ho
+    else:  # bands of rows of one image
+        step = max(1, budget // row_bytes)
+        for b in range(n):
+            for u0 in range(0, g.ho, step):
+                yield b, b + 1, u0, min(g.ho, u0 + step)
+
+
+def im2col(x, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """All columns (N, C kh kw, Ho Wo) of a (N, C, H, W) array at once (for lessons and tests).
+
+    cols[n, (c, i, j), (u, v)] = xpad[n, c, s u + d i, s v + d j]
+    """
+    g = ConvGeometry(x.shape[2:], kernel, stride, padding, dilation)
+    return _gather(_pad(x, padding), g, 0, g.ho)
+
+
+def col2im(cols, x_shape, kernel, stride=(1, 1), padding=(0, 0), dilation=(1, 1)):
+    """The adjoint of im2col: a (N, C, H, W) array with every column entry added back."""
+    g = ConvGeometry(x_shape[2:], kernel, stride, padding, dilation)
     n, c, h, w = x_shape
-    ho = _out_size(h, kh, sh, ph, dh, "conv2d")
-    wo = _out_size(w, kw, sw, pw, dw, "conv2d")
-    cols = cols.reshape(c, kh, kw, n, ho, wo)
-    gx = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=cols.dtype)
-    gt = gx.transpose(1, 0, 2, 3)  # a view in the columns' channel-major order
-    rows, columns = _window_slices(kh, sh, dh, ho), _window_slices(kw, sw, dw, wo)
-    for i in range(kh):
-        for j in range(kw):
-            gt[:, :, rows[i], columns[j]] += cols[:, i, j]
-    return xp.ascontiguousarray(gx[:, :, ph:ph + h, pw:pw + w])
+    gxpad = get_array_module(cols).zeros((n, c, h + 2 * padding[0], w + 2 * padding[1]), dtype=cols.dtype)
+    _scatter_add(gxpad, cols, g, 0, g.ho)
+    return _unpad(gxpad, padding, h, w)
 
 
-def _to_nchw(y2, n, ho, wo):
-    """(O, N Ho Wo) matrix -> contiguous (N, O, Ho, Wo) array."""
-    o = y2.shape[0]
-    return get_array_module(y2).ascontiguousarray(y2.reshape(o, n, ho, wo).transpose(1, 0, 2, 3))
+# ---- the three products of a convolution, on arrays, chunk by chunk -----------------------
+def conv_forward(x, w, stride, padding, dilation):
+    """y = W2 @ cols(x): the convolution itself, W2 = w as an (O, C kh kw) matrix."""
+    xp = get_array_module(x)
+    n, c = x.shape[:2]
+    o = w.shape[0]
+    g = ConvGeometry(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    xpad, w2 = _pad(x, padding), w.reshape(o, -1)
+    y = xp.empty((n, o, g.ho, g.wo), dtype=x.dtype)
+    for n0, n1, u0, u1 in _chunks(n, g, c, x.itemsize, xp):
+        cols = _gather(xpad[n0:n1], g, u0, u1)
+        if u1 - u0 == g.ho:  # whole images: the GEMM writes straight into y
+            xp.matmul(w2, cols, out=y[n0:n1].reshape(n1 - n0, o, g.ho * g.wo))
+        else:
+            y[n0:n1, :, u0:u1] = (w2 @ cols).reshape(n1 - n0, o, u1 - u0, g.wo)
+    return y
 
 
-def _to_matrix(y):
-    """(N, O, Ho, Wo) array -> contiguous (O, N Ho Wo) matrix (the GEMM layout)."""
-    n, o, ho, wo = y.shape
-    return get_array_module(y).ascontiguousarray(y.transpose(1, 0, 2, 3)).reshape(o, n * ho * wo)
+def conv_grad_weight(x, gy, kernel, stride, padding, dilation):
+    """gW2 = sum over images of gY_n @ cols(x)_n^T: the weight gradient, (O, C, kh, kw)."""
+    xp = get_array_module(x)
+    n, c = x.shape[:2]
+    o = gy.shape[1]
+    g = ConvGeometry(x.shape[2:], kernel, stride, padding, dilation)
+    xpad = _pad(x, padding)
+    gw_t = xp.zeros((c * g.kh * g.kw, o), dtype=x.dtype)  # transposed: the faster GEMM shape
+    for n0, n1, u0, u1 in _chunks(n, g, c, x.itemsize, xp):
+        cols = _gather(xpad[n0:n1], g, u0, u1)
+        g3 = gy[n0:n1, :, u0:u1].reshape(n1 - n0, o, -1)
+        for q in range(n1 - n0):
+            gw_t += cols[q] @ g3[q].T
+    return xp.ascontiguousarray(gw_t.T).reshape(o, c, g.kh, g.kw)
+
+
+def conv_grad_input(gy, w, x_shape, stride, padding, dilation):
+    """gx = col2im(W2^T @ gY): the input gradient, (N, C, H, W).
+
+    With stride 1 this is itself a convolution: gx[n, c, r, q] = sum_{o, i, j}
+    gy[n, o, r + p - d i, q + p - d j] w[o, c, i, j], i.e. gy padded by d (k - 1) - p and
+    convolved with w rotated 180 degrees and its two channel axes swapped.  That form gathers
+    (a copy) instead of scatter-adding (a read-modify-write), and its GEMM has the forward's
+    faster shape, so it is used whenever it applies.
+    """
+    g = ConvGeometry(x_shape[2:], w.shape[2:], stride, padding, dilation)
+    flip_padding = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], padding))
+    if stride == (1, 1) and min(flip_padding) >= 0:
+        return conv_forward(gy, _flip(w), (1, 1), flip_padding, dilation)
+    xp = get_array_module(gy)
+    n, c, h, wd = x_shape
+    o = w.shape[0]
+    gxpad = xp.zeros((n, c, h + 2 * padding[0], wd + 2 * padding[1]), dtype=gy.dtype)
+    w2_t = w.reshape(o, -1).T
+    for n0, n1, u0, u1 in _chunks(n, g, c, gy.itemsize, xp):
+        g3 = gy[n0:n1, :, u0:u1].reshape(n1 - n0, o, -1)
+        _scatter_add(gxpad[n0:n1], w2_t @ g3, g, u0, u1)
+    return _unpad(gxpad, padding, h, wd)
+
+
+def _flip(w):
+    """(O, C, kh, kw) -> (C, O, kh, kw) rotated by 180 degrees: the input gradient's kernel."""
+    return get_array_module(w).ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
 
 
 # ---- conv2d --------------------------------------------------------------------------------
@@ -190,103 +302,84 @@ class Conv2dFn(Function):
             raise ValueError(f"conv2d: bias must have shape ({w.shape[0]},), got {tuple(b.shape)}")
         _check_same_dtype("conv2d", x=x, w=w, b=b)
 
-    def _is_1x1(self, w):
-        return (w.shape[2:] == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0))
-
     def forward(self, x, w, b=None):
         self._check(x, w, b)
         self.x, self.w, self.has_bias = x, w, b is not None
-        n, o = x.shape[0], w.shape[0]
-        if self._is_1x1(w):
-            y = _conv1x1(x, w)
-        elif self.method == "shift":
-            y = _shift_forward(x, w, self.stride, self.padding, self.dilation)
-        else:
-            cols, (ho, wo) = im2col(x, w.shape[2:], self.stride, self.padding, self.dilation)
-            y = _to_nchw(w.reshape(o, -1) @ cols, n, ho, wo)
+        args = self.stride, self.padding, self.dilation
+        y = _shift_forward(x, w, *args) if self.method == "shift" else conv_forward(x, w, *args)
         if b is not None:
-            y += b.reshape(1, o, 1, 1)
+            y += b.reshape(1, -1, 1, 1)
         return y
 
     def backward(self, gy):
-        x, w = self.x, self.w
+        x, w, args = self.x, self.w, (self.stride, self.padding, self.dilation)
         need_x, need_w = self.needs_input_grad[0], self.needs_input_grad[1]
-        if self._is_1x1(w):
-            gx, gw = _conv1x1_backward(x, w, gy, need_x, need_w)
-        elif self.method == "shift":
-            gx, gw = _shift_backward(x, w, gy, self.stride, self.padding, self.dilation, need_x, need_w)
+        gx = gw = None
+        if self.method == "shift":
+            gx, gw = _shift_backward(x, w, gy, *args, need_x, need_w)
         else:
-            g2 = _to_matrix(gy)
-            w2 = w.reshape(w.shape[0], -1)
-            gx = gw = None
-            if need_w:  # rebuild the columns rather than keeping them from forward (memory)
-                cols, _ = im2col(x, w.shape[2:], self.stride, self.padding, self.dilation)
-                gw = (g2 @ cols.T).reshape(w.shape)
+            if need_w:  # rebuilds the columns rather than keeping them from forward (memory)
+                gw = conv_grad_weight(x, gy, w.shape[2:], *args)
             if need_x:
-                gx = col2im(w2.T @ g2, x.shape, w.shape[2:], self.stride, self.padding, self.dilation)
+                gx = conv_grad_input(gy, w, x.shape, *args)
         if not self.has_bias:
             return gx, gw
         gb = gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None
         return gx, gw, gb
 
 
-def _conv1x1(x, w):
-    """A 1x1 conv is a matrix product per image: (O, C) @ (C, H W), no columns needed."""
-    n, c, h, wd = x.shape
-    y = w.reshape(w.shape[0], c) @ x.reshape(n, c, h * wd)
-    return y.reshape(n, w.shape[0], h, wd)
+# ---- the alternative: shift-and-GEMM ------------------------------------------------------
+def _to_nchw(y2, n, ho, wo):
+    """(O, N Ho Wo) matrix -> contiguous (N, O, Ho, Wo) array."""
+    o = y2.shape[0]
+    return get_array_module(y2).ascontiguousarray(y2.reshape(o, n, ho, wo).transpose(1, 0, 2, 3))
 
 
-def _conv1x1_backward(x, w, gy, need_x, need_w):
-    n, c, h, wd = x.shape
-    o = w.shape[0]
-    g3 = gy.reshape(n, o, h * wd)
-    gx = gw = None
-    if need_x:
-        gx = (w.reshape(o, c).T @ g3).reshape(x.shape)
-    if need_w:  # sum over images of gY_n @ x_n^T
-        gw = (g3 @ x.reshape(n, c, h * wd).transpose(0, 2, 1)).sum(axis=0).reshape(w.shape)
-    return gx, gw
+def _to_matrix(y):
+    """(N, O, Ho, Wo) array -> contiguous (O, N Ho Wo) matrix."""
+    n, o, ho, wo = y.shape
+    return get_array_module(y).ascontiguousarray(y.transpose(1, 0, 2, 3)).reshape(o, n * ho * wo)
+
+
+def _padded_channel_major(x, padding):
+    """x as a zero-padded (C, N, Hp, Wp) array, so that one slice gives a (C, N Ho Wo) matrix."""
+    return _pad(x, padding).transpose(1, 0, 2, 3)
 
 
 def _shift_forward(x, w, stride, padding, dilation):
     """Y = sum over offsets (i, j) of w[:, :, i, j] @ (x shifted by (i, j)): kh*kw GEMMs."""
     xp = get_array_module(x)
-    n, c, h, wd = x.shape
+    n, c = x.shape[:2]
     o, _, kh, kw = w.shape
-    ho = _out_size(h, kh, stride[0], padding[0], dilation[0], "conv2d")
-    wo = _out_size(wd, kw, stride[1], padding[1], dilation[1], "conv2d")
+    g = ConvGeometry(x.shape[2:], (kh, kw), stride, padding, dilation)
     xt = _padded_channel_major(x, padding)
-    rows, columns = _window_slices(kh, stride[0], dilation[0], ho), _window_slices(kw, stride[1], dilation[1], wo)
-    y2 = xp.zeros((o, n * ho * wo), dtype=x.dtype)
+    y2 = xp.zeros((o, n * g.ho * g.wo), dtype=x.dtype)
     for i in range(kh):
         for j in range(kw):
-            shifted = xp.ascontiguousarray(xt[:, :, rows[i], columns[j]]).reshape(c, -1)
+            shifted = xp.ascontiguousarray(xt[:, :, g.rows(i, 0, g.ho), g.cols(j)]).reshape(c, -1)
             y2 += w[:, :, i, j] @ shifted
-    return _to_nchw(y2, n, ho, wo)
+    return _to_nchw(y2, n, g.ho, g.wo)
 
 
 def _shift_backward(x, w, gy, stride, padding, dilation, need_x, need_w):
+    """gw[:, :, i, j] = gY @ shifted_ij^T;  gx = sum over (i, j) of w[:, :, i, j]^T @ gY, shifted back."""
     xp = get_array_module(x)
     n, c, h, wd = x.shape
     o, _, kh, kw = w.shape
-    ho, wo = gy.shape[2:]
-    (ph, pw) = padding
+    g = ConvGeometry(x.shape[2:], (kh, kw), stride, padding, dilation)
     xt = _padded_channel_major(x, padding)
     g2 = _to_matrix(gy)
-    rows, columns = _window_slices(kh, stride[0], dilation[0], ho), _window_slices(kw, stride[1], dilation[1], wo)
     gw = xp.empty_like(w) if need_w else None
-    gxt = xp.zeros_like(xt) if need_x else None
+    gxt = xp.zeros(xt.shape, dtype=x.dtype) if need_x else None
     for i in range(kh):
         for j in range(kw):
+            window = g.rows(i, 0, g.ho), g.cols(j)
             if need_w:
-                shifted = xp.ascontiguousarray(xt[:, :, rows[i], columns[j]]).reshape(c, -1)
+                shifted = xp.ascontiguousarray(xt[(slice(None), slice(None)) + window]).reshape(c, -1)
                 gw[:, :, i, j] = g2 @ shifted.T
             if need_x:
-                gxt[:, :, rows[i], columns[j]] += (w[:, :, i, j].T @ g2).reshape(c, n, ho, wo)
-    gx = None
-    if need_x:
-        gx = xp.ascontiguousarray(gxt[:, :, ph:ph + h, pw:pw + wd].transpose(1, 0, 2, 3))
+                gxt[(slice(None), slice(None)) + window] += (w[:, :, i, j].T @ g2).reshape(c, n, g.ho, g.wo)
+    gx = _unpad(gxt.transpose(1, 0, 2, 3), padding, h, wd) if need_x else None
     return gx, gw
 
 
@@ -302,11 +395,11 @@ class ConvTranspose2dFn(Function):
 
     A conv with weight w (C_in, C_out, kh, kw) read as (O=C_in, C=C_out, kh, kw) maps an
     (N, C_out, H_out, W_out) image to (N, C_in, H, W).  Its adjoint goes the other way, and it
-    is exactly conv2d's input-gradient computation, so the three steps swap roles:
+    is exactly conv2d's input-gradient computation, so the three products swap roles:
 
-    forward:   y  = col2im(W2^T @ X) (+ b)      X = x as a (C_in, N H W) matrix
-    backward:  gx = conv2d(gy, w)               (conv2d's forward)
-               gw = X @ im2col(gy)^T            (conv2d's weight gradient with x, gy swapped)
+    forward:   y  = col2im(W2^T @ X) (+ b)      = conv_grad_input(x, w)
+    backward:  gx = W2 @ im2col(gy)             = conv_forward(gy, w)
+               gw = X @ im2col(gy)^T            = conv_grad_weight(gy, x)
                gb = sum of gy over n, u, v
 
     Each input pixel spreads a kh x kw patch of w over the output, s pixels apart; where
@@ -326,7 +419,7 @@ class ConvTranspose2dFn(Function):
         if b is not None and tuple(b.shape) != (w.shape[1],):
             raise ValueError(f"conv_transpose2d: bias must have shape ({w.shape[1]},), got {tuple(b.shape)}")
         _check_same_dtype("conv_transpose2d", x=x, w=w, b=b)
-        n, cin, h, wd = x.shape
+        n, _, h, wd = x.shape
         _, cout, kh, kw = w.shape
         (sh, sw), (ph, pw) = self.stride, self.padding
         ho, wo = (h - 1) * sh - 2 * ph + kh, (wd - 1) * sw - 2 * pw + kw
@@ -334,22 +427,15 @@ class ConvTranspose2dFn(Function):
             raise ValueError(f"conv_transpose2d: padding {self.padding} is too large for input "
                              f"{h}x{wd} and kernel {kh}x{kw}: the output would be {ho}x{wo}")
         self.x, self.w, self.has_bias = x, w, b is not None
-        self.out_shape = (n, cout, ho, wo)
-        cols = w.reshape(cin, -1).T @ _to_matrix(x)  # (C_out kh kw, N H W)
-        y = col2im(cols, self.out_shape, (kh, kw), self.stride, self.padding, (1, 1))
+        y = conv_grad_input(x, w, (n, cout, ho, wo), self.stride, self.padding, (1, 1))
         if b is not None:
             y += b.reshape(1, cout, 1, 1)
         return y
 
     def backward(self, gy):
-        x, w = self.x, self.w
-        gx = gw = None
-        if self.needs_input_grad[0]:
-            cols, (h, wd) = im2col(gy, w.shape[2:], self.stride, self.padding, (1, 1))
-            gx = _to_nchw(w.reshape(w.shape[0], -1) @ cols, x.shape[0], h, wd)
-        if self.needs_input_grad[1]:
-            cols, _ = im2col(gy, w.shape[2:], self.stride, self.padding, (1, 1))
-            gw = (_to_matrix(x) @ cols.T).reshape(w.shape)
+        x, w, args = self.x, self.w, (self.stride, self.padding, (1, 1))
+        gx = conv_forward(gy, w, *args) if self.needs_input_grad[0] else None
+        gw = conv_grad_weight(gy, x, w.shape[2:], *args) if self.needs_input_grad[1] else None
         if not self.has_bias:
             return gx, gw
         gb = gy.sum(axis=(0, 2, 3)) if self.needs_input_grad[2] else None
@@ -386,37 +472,32 @@ class MaxPool2dFn(Function):
         _check_4d(x, "x", "max_pool2d")
         xp = get_array_module(x)
         n, c, h, w = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        ho = _out_size(h, kh, sh, ph, 1, "max_pool2d")
-        wo = _out_size(w, kw, sw, pw, 1, "max_pool2d")
+        g = ConvGeometry((h, w), self.kernel, self.stride, self.padding, (1, 1), "max_pool2d")
+        ph, pw = self.padding
         xpad = xp.full((n, c, h + 2 * ph, w + 2 * pw), -xp.inf, dtype=x.dtype)
         xpad[:, :, ph:ph + h, pw:pw + w] = x
-        rows, columns = _window_slices(kh, sh, 1, ho), _window_slices(kw, sw, 1, wo)
-        y = xpad[:, :, rows[0], columns[0]].copy()
+        y = xpad[:, :, g.rows(0, 0, g.ho), g.cols(0)].copy()
         arg = xp.zeros(y.shape, dtype=np.int32)  # the winning offset i * kw + j
-        for i in range(kh):
-            for j in range(kw):
+        for i in range(g.kh):
+            for j in range(g.kw):
                 if i == 0 and j == 0:
                     continue
-                v = xpad[:, :, rows[i], columns[j]]
+                v = xpad[:, :, g.rows(i, 0, g.ho), g.cols(j)]
                 better = v > y
                 y = xp.where(better, v, y)
-                arg = xp.where(better, np.int32(i * kw + j), arg)
-        self.arg, self.x_shape = arg, x.shape
+                arg = xp.where(better, np.int32(i * g.kw + j), arg)
+        self.arg, self.geometry, self.x_shape = arg, g, x.shape
         return y
 
     def backward(self, gy):
         xp = get_array_module(gy)
-        n, c, h, w = self.x_shape
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel, self.stride, self.padding
-        ho, wo = gy.shape[2:]
-        gx = xp.zeros((n, c, h + 2 * ph, w + 2 * pw), dtype=gy.dtype)
-        rows, columns = _window_slices(kh, sh, 1, ho), _window_slices(kw, sw, 1, wo)
+        g, (n, c, h, w) = self.geometry, self.x_shape
+        gxpad = xp.zeros((n, c, h + 2 * self.padding[0], w + 2 * self.padding[1]), dtype=gy.dtype)
         zero = xp.zeros((), dtype=gy.dtype)
-        for i in range(kh):
-            for j in range(kw):
-                gx[:, :, rows[i], columns[j]] += xp.where(self.arg == i * kw + j, gy, zero)
-        return xp.ascontiguousarray(gx[:, :, ph:ph + h, pw:pw + w])
+        for i in range(g.kh):
+            for j in range(g.kw):
+                gxpad[:, :, g.rows(i, 0, g.ho), g.cols(j)] += xp.where(self.arg == i * g.kw + j, gy, zero)
+        return _unpad(gxpad, self.padding, h, w)
 
 
 def max_pool2d(x, kernel_size, stride=None, padding=0):
