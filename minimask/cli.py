@@ -68,7 +68,8 @@ def _train(args, parser):
     val_ann, val_images = args.val_ann, args.val_images
     if train_ann is None:
         if args.config != "shapes":
-            parser.error(f"--train-ann is needed for --config {args.config} (only 'shapes' makes its own data)")
+            parser.error(f"--train-ann is needed for --config {args.config} "
+                         f"(only 'shapes' makes its own data)")
         train_ann, val_ann = _shapes_data("data/shapes")
         train_images = val_images = None
     out = args.out or os.path.join("runs", args.config)
@@ -164,7 +165,8 @@ def build_parser():
     t.add_argument("--config", type=_preset_name, default="shapes", help="preset name (shapes, r50_fpn)")
     t.add_argument("--train-ann", help="training annotation JSON (COCO format)")
     t.add_argument("--train-images", help="training image folder (default: images/ beside the JSON)")
-    t.add_argument("--val-ann", help="validation annotation JSON (evaluated every eval_period and at the end)")
+    t.add_argument("--val-ann", help="validation annotation JSON (evaluated every eval_period and at "
+                                     "the end)")
     t.add_argument("--val-images", help="validation image folder (default: images/ beside the JSON)")
     t.add_argument("--iters", type=_positive_int, help="number of iterations (overrides the preset's)")
     t.add_argument("--out", help="run folder (default: runs/<config>)")

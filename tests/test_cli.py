@@ -44,7 +44,8 @@ class FakeModel(Module):
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
-    return make_split(str(root), "train", 4, seed=0, size=64), make_split(str(root), "val", 2, seed=0, size=64)
+    return (make_split(str(root), "train", 4, seed=0, size=64),
+            make_split(str(root), "val", 2, seed=0, size=64))
 
 
 def fail(argv, capsys):

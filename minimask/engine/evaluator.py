@@ -105,7 +105,8 @@ def predict_dataset(model, dataset, batch_size=2, progress=False):
     try:
         with no_grad():
             for start in indices:
-                items = [_image_and_id(dataset, i) for i in range(start, min(start + batch_size, len(dataset)))]
+                stop = min(start + batch_size, len(dataset))
+                items = [_image_and_id(dataset, i) for i in range(start, stop)]
                 images = [to_device(image, device) for image, _ in items]
                 for (_, image_id), pred in zip(items, model.predict(images)):
                     results += to_coco_results(pred, image_id, dataset.label_to_cat_id)

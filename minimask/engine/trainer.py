@@ -19,8 +19,9 @@ Around it, what makes it a tool:
 - COCO evaluation every ``cfg.eval_period`` iterations (if > 0) and at the end;
 - exact resume: a run stopped and resumed computes the same losses, bit for bit (on the CPU),
   as one that never stopped.  Every random draw is a pure function of (seed, iteration): the
-  loader's order and flips (``data/loader.py``), and the RoI/anchor samplers, reseeded here
-  before each iteration.  The weights, momentum buffers and schedule come from the checkpoint;
+  loader's order and flips (``data/loader.py``), and the model's generators (anchor and RoI
+  samplers, the training scale), reseeded here before each iteration.  The weights, momentum
+  buffers and schedule come from the checkpoint;
 - a NaN or infinite loss stops the run *before* the update, naming the term and the
   iteration, so the last checkpoint is still a good one to go back to (with a lower lr, say).
 
@@ -55,18 +56,24 @@ def build_model(cfg):
 
 
 def seed_samplers(model, seed, iteration):
-    """Give every random sampler in ``model`` a generator seeded by (seed, iteration, k).
+    """Give every random generator in ``model`` a new one seeded by (seed, iteration, k).
 
-    A sampler is any object held by a module of the model with an ``rng`` attribute that is a
-    NumPy ``Generator`` (``BalancedPositiveNegativeSampler`` for the RPN's anchors and the
+    Found on every module of the model: attributes that are NumPy ``Generator``s (``MaskRCNN``'s
+    ``scale_rng``, drawing the multi-scale training size), and objects with an ``rng``
+    attribute that is one (``BalancedPositiveNegativeSampler`` for the RPN's anchors and the
     heads' RoIs).  Reseeding them before each iteration makes that iteration's draws depend on
     nothing but (seed, iteration), so a resumed run need not save their running state.
+    Returns how many were reseeded.
     """
     k = 0
     for module in model.modules():
-        for _, value in sorted(vars(module).items()):
-            if isinstance(getattr(value, "rng", None), np.random.Generator):
-                value.rng = np.random.default_rng([seed, 2, iteration, k])
+        for name, value in sorted(vars(module).items()):
+            fresh = np.random.default_rng([seed, 2, iteration, k])
+            if isinstance(value, np.random.Generator):
+                object.__setattr__(module, name, fresh)
+                k += 1
+            elif isinstance(getattr(value, "rng", None), np.random.Generator):
+                value.rng = fresh
                 k += 1
     return k
 
