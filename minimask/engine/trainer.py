@@ -207,6 +207,8 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
         from tqdm import tqdm
 
         bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+        if log is print:  # print would tear the bar; tqdm.write prints above it
+            log = lambda *parts: tqdm.write(" ".join(str(p) for p in parts))  # noqa: E731
     batches = loader.batches(start, cfg.iters)
     try:
         with open(metrics_path, "a") as metrics_file:
