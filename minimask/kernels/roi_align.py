@@ -261,17 +261,24 @@ def _forward_numba(x, feat, windows, rois, oh, ow, spatial_scale, sampling_ratio
 
 
 @njit(cache=True, inline="never")
-def _scatter_sample(dst, yl, yh, xl, xh, cs, g, w1, w2, w3, w4):
-    """dst[cell, cs + i] += w_cell g[i] for the 4 cells, over a block of channels (see _add_sample)."""
-    for i in range(g.shape[0]):
-        dst[yl, xl, cs + i] += w1 * g[i]
-        dst[yl, xh, cs + i] += w2 * g[i]
-        dst[yh, xl, cs + i] += w3 * g[i]
-        dst[yh, xh, cs + i] += w4 * g[i]
+def _scatter_sample(dst, yl, yh, xl, xh, g, w1, w2, w3, w4):
+    """dst[cell, i] += w_cell g[i] for the 4 cells, over a block of channels (see _add_sample).
+
+    One loop per cell: at the border two cells can be the same (rule 4), and a single loop
+    writing four possibly-equal places is one the compiler will not vectorize."""
+    n = g.shape[0]
+    for i in range(n):
+        dst[yl, xl, i] += w1 * g[i]
+    for i in range(n):
+        dst[yl, xh, i] += w2 * g[i]
+    for i in range(n):
+        dst[yh, xl, i] += w3 * g[i]
+    for i in range(n):
+        dst[yh, xh, i] += w4 * g[i]
 
 
 @njit(cache=True, parallel=True)
-def _backward_numba(gy, windows, rois, spatial_scale, sampling_ratio, aligned, chunk, whole_map, gx_last, gx):
+def _backward_numba(gy, windows, rois, spatial_scale, sampling_ratio, aligned, whole_map, gx_blocks, gx):
     """The transpose of the forward: gradient for x from gy (K, C, oh, ow).
 
     Bins and boxes overlap, so two boxes may add into the same cell: a prange over boxes would
@@ -280,12 +287,14 @@ def _backward_numba(gy, windows, rois, spatial_scale, sampling_ratio, aligned, c
     (cheap next to the channel loop); the innermost loop runs over contiguous channels.  The
     gradient is accumulated as the forward reads, either
 
-    - ``whole_map``: straight into ``gx_last`` (N, H, W, C), transposed back by the caller; or
+    - ``whole_map``: straight into ``gx_blocks`` (N, blocks, H, W, chunk), channels-last per
+      block so that each thread writes its own contiguous slab; the caller puts the channels
+      back in order; or
     - per box into a zeroed (rows, cols, chunk) window, then added into ``gx`` (N, C, H, W).
     """
     K, C, oh, ow = gy.shape
     H, W = gx.shape[2], gx.shape[3]
-    n_blocks = (C + chunk - 1) // chunk
+    n_blocks, chunk = gx_blocks.shape[1], gx_blocks.shape[4]
     for block in prange(n_blocks):
         c0 = block * chunk
         nc = min(C, c0 + chunk) - c0
@@ -295,12 +304,11 @@ def _backward_numba(gy, windows, rois, spatial_scale, sampling_ratio, aligned, c
             n, y0, x0, bin_h, bin_w, grid_h, grid_w, count = _geometry(rois[k], oh, ow, spatial_scale,
                                                                         sampling_ratio, aligned)
             if whole_map:
-                dst = gx_last[n]
-                r0, col0, cs = 0, 0, c0
+                dst = gx_blocks[n, block]
+                r0, col0 = 0, 0
             else:
                 r0, r1, col0, col1 = windows[k, 0], windows[k, 1], windows[k, 2], windows[k, 3]
-                dst = np.zeros((r1 - r0 + 1, col1 - col0 + 1, nc), dtype=gx.dtype)
-                cs = 0
+                dst = np.zeros((r1 - r0 + 1, col1 - col0 + 1, chunk), dtype=gx.dtype)
             for ph in range(oh):
                 for pw in range(ow):
                     for c in range(nc):
@@ -312,7 +320,7 @@ def _backward_numba(gy, windows, rois, spatial_scale, sampling_ratio, aligned, c
                             inside, yl, yh, xl, xh, w[0], w[1], w[2], w[3] = _bilinear(y, x, H, W)
                             if inside:
                                 yl, yh, xl, xh = yl - r0, yh - r0, xl - col0, xh - col0
-                                _scatter_sample(dst, yl, yh, xl, xh, cs, g, w[0], w[1], w[2], w[3])
+                                _scatter_sample(dst, yl, yh, xl, xh, g, w[0], w[1], w[2], w[3])
             if not whole_map:
                 for c in range(nc):
                     for i in range(dst.shape[0]):
@@ -321,11 +329,11 @@ def _backward_numba(gy, windows, rois, spatial_scale, sampling_ratio, aligned, c
 
 
 def _channel_chunk(C):
-    """Channels per backward block: enough blocks for every thread, at least 8 channels each."""
+    """Channels per backward block: one block per thread (at least 8 channels each).  Every
+    block recomputes all sample positions, so more blocks than threads only cost time."""
     import numba
 
-    blocks = 4 * numba.get_num_threads()
-    return max(8, -(-C // blocks))
+    return max(8, -(-C // numba.get_num_threads()))
 
 
 def _use_whole_map(windows, x_shape, layout, default):
@@ -333,10 +341,10 @@ def _use_whole_map(windows, x_shape, layout, default):
 
     ``layout`` forces "map" or "windows".  Otherwise: the forward reads a window far more often
     than it copies it, and NumPy's transpose of the whole map is fast, so the forward uses the
-    map (``default="map"``).  The backward would have to zero, fill and transpose back a whole
-    channels-last gradient, so it uses windows (``default="windows"``) unless the windows
-    together hold more than twice the map's cells (huge boxes), measured on 2 CPU cores for
-    the benchmark in ``minimask/bench/kernels.py``.
+    map (``default="map"``).  The backward on the map must zero, fill and transpose back a
+    whole channels-last gradient, so it uses windows (``default="windows"``) when the windows
+    together hold fewer than twice the map's cells (small boxes on a big map: the FPN's P2
+    and P3), as measured on 2 CPU cores with the benchmark in ``minimask/bench/kernels.py``.
     """
     if layout is not None:
         if layout not in ("map", "windows"):
@@ -513,9 +521,12 @@ def roi_align_backward(gy, rois, x_shape, spatial_scale=1.0, sampling_ratio=0, a
     settings = float(spatial_scale), int(sampling_ratio), bool(aligned)
     windows = _windows(rois, oh, ow, *settings, H, W)
     whole_map = _use_whole_map(windows, x_shape, layout, "windows")
-    gx_last = np.zeros((N, H, W, C) if whole_map else (1, 1, 1, C), dtype=gy.dtype)
-    _backward_numba(np.ascontiguousarray(gy), windows, rois, *settings, _channel_chunk(C), whole_map,
-                    gx_last, gx)
-    if whole_map:
-        gx = np.ascontiguousarray(gx_last.transpose(0, 3, 1, 2))
+    chunk = _channel_chunk(C)
+    n_blocks = -(-C // chunk)
+    shape = (N, n_blocks, H, W, chunk) if whole_map else (1, n_blocks, 1, 1, chunk)  # the latter unused
+    gx_blocks = np.zeros(shape, dtype=gy.dtype)
+    _backward_numba(np.ascontiguousarray(gy), windows, rois, *settings, whole_map, gx_blocks, gx)
+    if whole_map:  # (N, blocks, H, W, chunk) -> (N, C, H, W)
+        gx = gx_blocks.transpose(0, 1, 4, 2, 3).reshape(N, n_blocks * chunk, H, W)[:, :C]
+        gx = np.ascontiguousarray(gx)
     return gx
