@@ -379,3 +379,11 @@ def test_bench_ops_runs(monkeypatch, capsys):
     ops.main(device="cpu", repeat=1)
     out = capsys.readouterr().out
     assert "tiny 3x3" in out and "tiny 1x1" in out
+
+
+def test_settings_must_be_ints():
+    x, w = Tensor(np.zeros((1, 1, 4, 4))), Tensor(np.zeros((1, 1, 3, 3)))
+    with pytest.raises(ValueError, match="padding must be an int or a pair of ints, got 1.5"):
+        conv2d(x, w, padding=1.5)
+    with pytest.raises(ValueError, match="kernel_size must be an int or a pair"):
+        max_pool2d(x, (2, 2, 2))

@@ -12,45 +12,56 @@ weight is (C_in, C_out, kh, kw).  With stride s, padding p and dilation d the ou
     H_out = floor((H + 2p - d (kh - 1) - 1) / s) + 1             (conv2d, max_pool2d with d = 1)
     H_out = (H - 1) s - 2p + kh                                    (conv_transpose2d)
 
-How conv2d is computed: im2col + one GEMM
------------------------------------------
+How conv2d is computed: im2col + GEMM
+-------------------------------------
     y[n, o, u, v] = b[o] + sum_{c, i, j} w[o, c, i, j] * xpad[n, c, s u + d i, s v + d j]
 
-Gather every input patch into a column ("im2col"):  cols[(c, i, j), (n, u, v)] =
-xpad[n, c, s u + d i, s v + d j], a (C kh kw, N H_out W_out) matrix.  The whole convolution
-is then ONE matrix product, which BLAS (CPU) or cuBLAS (GPU) runs near peak speed:
+Gather every input patch into a column ("im2col"): cols_n[(c, i, j), (u, v)] =
+xpad[n, c, s u + d i, s v + d j], a (C kh kw, H_out W_out) matrix per image.  The convolution
+is then a matrix product, which BLAS (CPU) or cuBLAS (GPU) runs near peak speed:
 
-    forward     Y   = W2 @ cols                 W2 = w as an (O, C kh kw) matrix
-    backward    gW2 = gY @ cols^T               (the gradient of a product, as in MatMul)
-                gcols = W2^T @ gY,  then col2im: each column entry is added back to the
-                input pixel it was copied from (gx = sum of the kh*kw shifted slices)
+    forward     Y_n = W2 @ cols_n                W2 = w as an (O, C kh kw) matrix
+    backward    gW2 = sum_n gY_n @ cols_n^T      (the gradient of a product, as in MatMul)
+                gx  = col2im(W2^T @ gY_n): each column entry is added back onto the pixel it
+                      was copied from, so a pixel read by several windows sums their gradients
 
-im2col here is kh*kw strided slice copies (no per-element Python loop), and col2im the same
-kh*kw slices added back (overlapping windows add up, exactly as the chain rule wants); both
-are plain slicing, so they run unchanged on CuPy.  Columns are laid out channel-major
-(C kh kw, N H_out W_out) so that all N images share one big GEMM instead of N small ones.
-The columns are NOT kept for backward: they are kh*kw times the size of the input (about
-1.2 GB for the FPN's 3x3 conv on P2 at 800x1333, batch 2), so backward rebuilds them from
-x, as Caffe does; that costs about 7% of a forward+backward.
+im2col is kh*kw strided slice copies (one per kernel offset, all channels at once; no
+per-pixel Python loop) and col2im the same slices added back; both are plain slicing, so they
+run unchanged on CuPy.  Two refinements:
+
+- Columns are kh*kw times the size of the input (1.2 GB for FPN's 3x3 conv on P2 at
+  800x1333, batch 2), so they are built a chunk at a time (a few images, or a band of output
+  rows) into buffers of at most ``CHUNK_BYTES`` and never kept for backward, which rebuilds
+  them (as Caffe does).  Small chunks are also faster on the CPU: the GEMM reads columns that
+  are still in cache, and freed buffers are reused instead of fresh pages.
+- A 1x1 stride-1 unpadded conv needs no columns: the image itself is the column matrix.
+
+(With stride 1, gx is also a convolution: gy padded by d (k - 1) - p, convolved with w rotated
+180 degrees with its channel axes swapped, a gather instead of a scatter-add.  Measured, it was
+no faster than col2im here: 8% slower on the first shape below, 3% faster on the second.)
 
 The other way: shift-and-GEMM (``Conv2dFn(method="shift")``)
 --------------------------------------------------------------
 The sum over (i, j) can be taken outside: for each of the kh*kw kernel offsets, take the
 input shifted by that offset (one strided slice, copied contiguous) and multiply it by the
-(O, C) matrix w[:, :, i, j]; accumulate the kh*kw products.  It never holds the whole column
-matrix (kh*kw times less memory), but does kh*kw GEMMs with a short inner dimension C instead
-of one with C kh kw, and adds into the output kh*kw times.  Measured forward+backward, float32,
-on this project's 2-core AMD EPYC with 2 OpenBLAS threads (medians; torch 2 threads):
+(O, C) matrix w[:, :, i, j]; accumulate the kh*kw products.  It never holds the column
+matrix, but does kh*kw GEMMs with a short inner dimension C instead of one with C kh kw, and
+reads and writes the output kh*kw times.
 
-    shape (N, C, HxW -> O, k, stride)     im2col     shift     torch CPU
-    8, 64, 32x32 -> 64, 3x3               ~20 ms     ~25 ms     ~21 ms
-    2, 256, 64x64 -> 256, 3x3             ~200 ms    ~240 ms    ~185 ms
-    2, 256, 64x64 -> 256, 3x3, stride 2   ~52 ms     ~70 ms     ~50 ms
-    2, 256, 64x64 -> 256, 1x1             ~25 ms   (same: one offset)  ~45 ms
+Measured forward+backward (``Conv2dFn`` through the autograd engine), float32, on this
+project's 2-core AMD EPYC (AVX-512) with OpenBLAS against torch's oneDNN kernels, both on
+one thread; CPU time (steadier than wall time on a shared machine), medians of 25-40 runs:
 
-so im2col is the default.  A 1x1 stride-1 unpadded conv needs no columns at all: it is a
-plain matrix product per image (``_conv1x1``).  ``minimask bench ops`` prints these numbers
-for your machine.
+    shape (N, C, HxW -> O, kernel/stride)    im2col    shift    torch    im2col/torch
+    8, 64, 32x32 -> 64, 3x3/1                 29 ms    40 ms    19 ms        1.5
+    2, 256, 64x64 -> 256, 3x3/1              345 ms   385 ms   298 ms        1.16
+    2, 256, 64x64 -> 256, 3x3/2               94 ms   117 ms    83 ms        1.13
+    2, 256, 64x64 -> 256, 1x1/1               37 ms    42 ms    39 ms        0.95
+
+so im2col is the default.  Before chunking (one big GEMM over all images, columns laid out
+channel-major) the first two rows took 40 and 420 ms.  Of the first row's 29 ms the three
+GEMMs take ~23 (torch does everything in 19) and the gathers, scatter-adds and padding ~6.
+``minimask bench ops`` prints wall times for your machine and thread count.
 
 max_pool2d takes the maximum over each window with -inf padding; its gradient goes to the
 arg-max only (the first one in row-major window order on ties, as PyTorch).
@@ -65,8 +76,8 @@ from ..tensor import Function
 # ---- argument checks ----------------------------------------------------------------------
 def _pair(v, name, minimum):
     """(a, b) from an int or a pair of ints, each >= minimum; a clear error otherwise."""
-    pair = (v, v) if isinstance(v, (int, np.integer)) else tuple(v)
-    if len(pair) != 2 or not all(isinstance(a, (int, np.integer)) for a in pair):
+    pair = (v, v) if isinstance(v, (int, np.integer)) else tuple(v) if isinstance(v, (tuple, list)) else None
+    if pair is None or len(pair) != 2 or not all(isinstance(a, (int, np.integer)) for a in pair):
         raise ValueError(f"{name} must be an int or a pair of ints, got {v!r}")
     if min(pair) < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {v!r}")
@@ -171,7 +182,7 @@ def _scatter_add(gxpad, cols, g, u0, u1):
 # memory, small chunks are faster on the CPU: the columns are still in cache when the GEMM reads
 # them, and freed buffers are reused instead of fresh pages.  On the GPU, bigger chunks keep
 # the GEMMs large.
-CHUNK_BYTES = {"cpu": 4 * 2**20, "gpu": 512 * 2**20}
+CHUNK_BYTES = {"cpu": 2 * 2**20, "gpu": 512 * 2**20}
 
 
 def _chunks(n, g, channels, itemsize, xp):
@@ -245,32 +256,19 @@ def conv_grad_weight(x, gy, kernel, stride, padding, dilation):
 
 
 def conv_grad_input(gy, w, x_shape, stride, padding, dilation):
-    """gx = col2im(W2^T @ gY): the input gradient, (N, C, H, W).
-
-    With stride 1 this is itself a convolution: gx[n, c, r, q] = sum_{o, i, j}
-    gy[n, o, r + p - d i, q + p - d j] w[o, c, i, j], i.e. gy padded by d (k - 1) - p and
-    convolved with w rotated 180 degrees and its two channel axes swapped.  That form gathers
-    (a copy) instead of scatter-adding (a read-modify-write), and its GEMM has the forward's
-    faster shape, so it is used whenever it applies.
-    """
-    g = ConvGeometry(x_shape[2:], w.shape[2:], stride, padding, dilation)
-    flip_padding = tuple(d * (k - 1) - p for d, k, p in zip(dilation, w.shape[2:], padding))
-    if stride == (1, 1) and min(flip_padding) >= 0:
-        return conv_forward(gy, _flip(w), (1, 1), flip_padding, dilation)
+    """gx = col2im(W2^T @ gY): the input gradient, (N, C, H, W)."""
     xp = get_array_module(gy)
     n, c, h, wd = x_shape
     o = w.shape[0]
+    g = ConvGeometry((h, wd), w.shape[2:], stride, padding, dilation)
+    if g.pointwise:  # nothing to scatter: every pixel was read exactly once
+        return (w.reshape(o, c).T @ gy.reshape(n, o, h * wd)).reshape(x_shape)
     gxpad = xp.zeros((n, c, h + 2 * padding[0], wd + 2 * padding[1]), dtype=gy.dtype)
     w2_t = w.reshape(o, -1).T
     for n0, n1, u0, u1 in _chunks(n, g, c, gy.itemsize, xp):
         g3 = gy[n0:n1, :, u0:u1].reshape(n1 - n0, o, -1)
         _scatter_add(gxpad[n0:n1], w2_t @ g3, g, u0, u1)
     return _unpad(gxpad, padding, h, wd)
-
-
-def _flip(w):
-    """(O, C, kh, kw) -> (C, O, kh, kw) rotated by 180 degrees: the input gradient's kernel."""
-    return get_array_module(w).ascontiguousarray(w[:, :, ::-1, ::-1].transpose(1, 0, 2, 3))
 
 
 # ---- conv2d --------------------------------------------------------------------------------
