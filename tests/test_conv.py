@@ -105,7 +105,8 @@ CONV_CASES = [
 def test_conv2d_matches_loop(rng, method, xs, ws, stride, padding, dilation):
     x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[0])
     y = Conv2dFn(stride, padding, dilation, method=method)(Tensor(x), Tensor(w), Tensor(b))
-    np.testing.assert_allclose(y.data, loop_conv2d(x, w, b, stride, padding, dilation), rtol=1e-10, atol=1e-10)
+    expected = loop_conv2d(x, w, b, stride, padding, dilation)
+    np.testing.assert_allclose(y.data, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("method", ["im2col", "shift"])
@@ -195,7 +196,8 @@ TRANSPOSE_CASES = [
 def test_conv_transpose2d_matches_loop(rng, xs, ws, stride, padding):
     x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[1])
     y = conv_transpose2d(Tensor(x), Tensor(w), Tensor(b), stride, padding)
-    np.testing.assert_allclose(y.data, loop_conv_transpose2d(x, w, b, stride, padding), rtol=1e-10, atol=1e-10)
+    expected = loop_conv_transpose2d(x, w, b, stride, padding)
+    np.testing.assert_allclose(y.data, expected, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("xs, ws, stride, padding", TRANSPOSE_CASES)
@@ -278,51 +280,41 @@ def test_max_pool2d_bad_padding_is_named():
 
 
 # ---- against PyTorch (float32) ----------------------------------------------------------------
-def _torch_grads(fn, *arrays):
+def _compare_with_torch(torch_fn, mine_fn, arrays, rng, atol=1e-4):
+    """Forward and backward (random upstream gradient) of torch_fn and mine_fn on the same arrays."""
     torch = pytest.importorskip("torch", reason="torch not installed: the comparison with PyTorch is skipped")
-    ts = [torch.tensor(a, requires_grad=True) for a in arrays]
-    return ts, fn(torch, *ts)
-
-
-@pytest.mark.parametrize("xs, ws, stride, padding, dilation", CONV_CASES + [((2, 16, 12, 12), (8, 16, 3, 3), 2, 1, 1)])
-def test_conv2d_matches_torch(rng, xs, ws, stride, padding, dilation):
-    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[0]))
-    ts, ty = _torch_grads(lambda torch, x, w, b: torch.nn.functional.conv2d(x, w, b, stride, padding, dilation), x, w, b)
+    theirs = [torch.tensor(a, requires_grad=True) for a in arrays]
+    ty = torch_fn(torch.nn.functional, *theirs)
     gy = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
-    ty.backward(__import__("torch").tensor(gy))
-    mine = [Tensor(a, requires_grad=True) for a in (x, w, b)]
-    y = conv2d(*mine, stride=stride, padding=padding, dilation=dilation)
+    ty.backward(torch.tensor(gy))
+    mine = [Tensor(a, requires_grad=True) for a in arrays]
+    y = mine_fn(*mine)
     y.backward(gy)
-    np.testing.assert_allclose(y.data, ty.detach().numpy(), rtol=1e-4, atol=1e-4)
-    for m, t in zip(mine, ts):
-        np.testing.assert_allclose(m.grad, t.grad.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(y.data, ty.detach().numpy(), rtol=1e-4, atol=atol)
+    for m, t in zip(mine, theirs):
+        np.testing.assert_allclose(m.grad, t.grad.numpy(), rtol=1e-4, atol=atol)
+
+
+@pytest.mark.parametrize("xs, ws, stride, padding, dilation",
+                         CONV_CASES + [((2, 16, 12, 12), (8, 16, 3, 3), 2, 1, 1)])
+def test_conv2d_matches_torch(rng, xs, ws, stride, padding, dilation):
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[0])]
+    _compare_with_torch(lambda F, x, w, b: F.conv2d(x, w, b, stride, padding, dilation),
+                        lambda x, w, b: conv2d(x, w, b, stride, padding, dilation), arrays, rng)
 
 
 @pytest.mark.parametrize("xs, ws, stride, padding", TRANSPOSE_CASES)
 def test_conv_transpose2d_matches_torch(rng, xs, ws, stride, padding):
-    x, w, b = (rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[1]))
-    ts, ty = _torch_grads(lambda torch, x, w, b: torch.nn.functional.conv_transpose2d(x, w, b, stride, padding), x, w, b)
-    gy = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
-    ty.backward(__import__("torch").tensor(gy))
-    mine = [Tensor(a, requires_grad=True) for a in (x, w, b)]
-    y = conv_transpose2d(*mine, stride=stride, padding=padding)
-    y.backward(gy)
-    np.testing.assert_allclose(y.data, ty.detach().numpy(), rtol=1e-4, atol=1e-4)
-    for m, t in zip(mine, ts):
-        np.testing.assert_allclose(m.grad, t.grad.numpy(), rtol=1e-4, atol=1e-4)
+    arrays = [rng.standard_normal(s).astype(np.float32) for s in (xs, ws, ws[1])]
+    _compare_with_torch(lambda F, x, w, b: F.conv_transpose2d(x, w, b, stride, padding),
+                        lambda x, w, b: conv_transpose2d(x, w, b, stride, padding), arrays, rng)
 
 
 @pytest.mark.parametrize("xs, kernel, stride, padding", POOL_CASES)
 def test_max_pool2d_matches_torch(rng, xs, kernel, stride, padding):
-    x = rng.standard_normal(xs).astype(np.float32)
-    ts, ty = _torch_grads(lambda torch, x: torch.nn.functional.max_pool2d(x, kernel, stride, padding), x)
-    gy = rng.standard_normal(tuple(ty.shape)).astype(np.float32)
-    ty.backward(__import__("torch").tensor(gy))
-    t = Tensor(x, requires_grad=True)
-    y = max_pool2d(t, kernel, stride, padding)
-    y.backward(gy)
-    np.testing.assert_array_equal(y.data, ty.detach().numpy())
-    np.testing.assert_allclose(t.grad, ts[0].grad.numpy(), rtol=1e-6, atol=1e-6)
+    arrays = [rng.standard_normal(xs).astype(np.float32)]  # random floats: no ties
+    _compare_with_torch(lambda F, x: F.max_pool2d(x, kernel, stride, padding),
+                        lambda x: max_pool2d(x, kernel, stride, padding), arrays, rng, atol=1e-6)
 
 
 # ---- on the GPU: the same numbers as on the CPU -------------------------------------------------

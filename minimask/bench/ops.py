@@ -102,9 +102,11 @@ def main(device="cpu", repeat=5):
         if torch is not None:
             torch.set_num_threads(threads)
         torch_sync = sync
-        print(f"CPU, {threads} BLAS thread(s)" + (f", torch with {threads}" if torch else ", torch not installed"))
+        with_torch = f", torch with {threads}" if torch else ", torch not installed"
+        print(f"CPU, {threads} BLAS thread(s){with_torch}")
     print(f"conv2d forward+backward, float32, median of {repeat} (ms)")
-    print(f"{'shape':44s} {'im2col':>8s} {'shift':>8s}" + (f" {'torch':>8s} {'im2col/torch':>13s}" if torch else ""))
+    torch_head = f" {'torch':>8s} {'im2col/torch':>13s}" if torch else ""
+    print(f"{'shape':44s} {'im2col':>8s} {'shift':>8s}{torch_head}")
     rng = np.random.default_rng(0)
     for label, n, c, h, o, k, s, p in CASES:
         ho = (h + 2 * p - k) // s + 1
