@@ -8,10 +8,13 @@ in a text editor, or reviewing a diff, a notebook converts to the "percent" form
     python lessons/_build.py import /tmp/02_convolution.py --run   # text -> lessons/02_convolution.ipynb
     python lessons/_build.py run                                   # run every notebook, save outputs
     python lessons/_build.py run 03 05                             # only those lessons
+    python lessons/_build.py run 08 --full                         # full mode (long training)
 
 Running uses nbclient with the "python3" kernel, lessons/ as working directory and
 ``MINIMASK_QUICK=1`` (small sizes, few repeats), exactly as ``tests/test_lessons.py`` does, so the
 outputs committed are what CI sees.  The lessons draw their figures at 80 dpi to stay small.
+The training lessons (08-10) are committed from a *full* run instead (``--full``: no
+``MINIMASK_QUICK``, no time limit per cell), so their figures show a trained model.
 """
 
 import argparse
@@ -64,11 +67,16 @@ def from_percent(text):
     return nb
 
 
-def execute(nb, timeout=300):
-    """Run ``nb`` in place, top to bottom, in quick mode with lessons/ as working directory."""
+def execute(nb, timeout=300, full=False):
+    """Run ``nb`` in place, top to bottom, with lessons/ as working directory: in quick mode, or
+    with ``full`` in full mode and no time limit per cell."""
     from nbclient import NotebookClient
 
-    os.environ["MINIMASK_QUICK"] = "1"  # the kernel inherits this environment
+    if full:
+        os.environ.pop("MINIMASK_QUICK", None)
+        timeout = None
+    else:
+        os.environ["MINIMASK_QUICK"] = "1"  # the kernel inherits this environment
     client = NotebookClient(nb, kernel_name="python3", timeout=timeout,
                             resources={"metadata": {"path": str(HERE)}})
     client.execute()
@@ -83,9 +91,9 @@ def find(prefixes):
     return [p for p in paths if not prefixes or any(p.name.startswith(x) for x in prefixes)]
 
 
-def run_and_save(nb, path):
+def run_and_save(nb, path, full=False):
     t0 = time.perf_counter()
-    execute(nb)
+    execute(nb, full=full)
     nbformat.write(nb, path)
     print(f"{path.name}: ran in {time.perf_counter() - t0:.1f} s, "
           f"{path.stat().st_size / 1e3:.0f} kB with outputs", file=sys.stderr)
@@ -99,8 +107,10 @@ def main(argv=None):
     p = sub.add_parser("import", help="write lessons/<stem>.ipynb from a percent-format file")
     p.add_argument("source", type=Path)
     p.add_argument("--run", action="store_true", help="also run it and save the outputs")
+    p.add_argument("--full", action="store_true", help="run in full mode (no MINIMASK_QUICK)")
     p = sub.add_parser("run", help="run notebooks top to bottom and save their outputs")
     p.add_argument("lessons", nargs="*", help="file names or their first characters (default: all)")
+    p.add_argument("--full", action="store_true", help="run in full mode (no MINIMASK_QUICK)")
     args = parser.parse_args(argv)
 
     if args.command == "export":
@@ -111,13 +121,13 @@ def main(argv=None):
     elif args.command == "import":
         nb, out = from_percent(args.source.read_text()), HERE / f"{args.source.stem}.ipynb"
         if args.run:
-            run_and_save(nb, out)
+            run_and_save(nb, out, full=args.full)
         else:
             nbformat.write(nb, out)
         print(f"wrote {out}", file=sys.stderr)
     else:
         for path in find(args.lessons):
-            run_and_save(nbformat.read(path, as_version=4), path)
+            run_and_save(nbformat.read(path, as_version=4), path, full=args.full)
 
 
 if __name__ == "__main__":
