@@ -9,11 +9,12 @@ import numpy as np
 
 _cupy = None
 _cupy_checked = False
+_cupy_problem = None  # why there is no GPU, for the error message
 
 
 def _try_cupy():
     """Import CuPy once; None where it is not installed or no CUDA device answers."""
-    global _cupy, _cupy_checked
+    global _cupy, _cupy_checked, _cupy_problem
     if not _cupy_checked:
         _cupy_checked = True
         try:
@@ -21,14 +22,36 @@ def _try_cupy():
 
             if cupy.cuda.runtime.getDeviceCount() > 0:
                 _cupy = cupy
-        except Exception:  # ImportError, CUDA driver errors, ...: no GPU for us
-            _cupy = None
+            else:
+                _cupy_problem = "CuPy is installed but sees no CUDA device"
+        except ImportError as e:
+            _cupy_problem = f"CuPy is not installed ({e})"
+        except Exception as e:  # CUDA driver or runtime errors: no GPU for us
+            _cupy_problem = f"CuPy could not reach a CUDA device ({type(e).__name__}: {e})"
     return _cupy
 
 
 def gpu_available():
     """True when CuPy imports and at least one CUDA device is present."""
     return _try_cupy() is not None
+
+
+def require_gpu(what="device 'gpu'"):
+    """Raise a RuntimeError saying why ``what`` cannot run here, unless a GPU is available."""
+    if _try_cupy() is None:
+        raise RuntimeError(f"{what} asked for, but {_cupy_problem}. Install the GPU extra "
+                           f"(pip install 'minimask[gpu]', CuPy for CUDA 12) on a machine with an "
+                           f"NVIDIA GPU, or use --device cpu")
+
+
+def gpu_name():
+    """The current CUDA device's name, e.g. "NVIDIA H100 80GB HBM3" (None without a GPU)."""
+    cp = _try_cupy()
+    if cp is None:
+        return None
+    props = cp.cuda.runtime.getDeviceProperties(cp.cuda.Device().id)
+    name = props["name"]
+    return name.decode() if isinstance(name, bytes) else str(name)
 
 
 def is_cupy_array(x):
@@ -55,11 +78,8 @@ def to_device(array, device):
             return array.get()
         return np.asarray(array)
     if device == "gpu":
-        cp = _try_cupy()
-        if cp is None:
-            raise RuntimeError("device 'gpu' asked for, but CuPy or a CUDA GPU is not available "
-                               "(pip install 'minimask[gpu]' on a machine with an NVIDIA GPU)")
-        return cp.asarray(array)
+        require_gpu()
+        return _cupy.asarray(array)
     raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
 
 

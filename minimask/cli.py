@@ -118,6 +118,19 @@ def _predict(args, parser):
 
 
 def _bench(args, parser=None):
+    args.device = args.device or ("gpu" if args.what == "gpu" else "cpu")
+    if args.what == "gpu":  # minimask beside torchvision, kernels and the whole model
+        from .bench.gpu import main as run
+
+        parts = ("kernels", "model") if args.only is None else (args.only,)
+        run(device=args.device, repeat=args.repeat, tf32=args.tf32, size=args.size, json_path=args.json,
+            parts=parts)
+        return
+    if args.what == "memory":  # shapes only, on the CPU
+        from .bench.memory import main as run
+
+        run(batch=args.batch, size=args.size)
+        return
     if args.what == "ops":
         from .bench.ops import main as run
     elif args.what == "kernels":
@@ -125,6 +138,27 @@ def _bench(args, parser=None):
     else:
         raise SystemExit(f"minimask bench: unknown benchmark {args.what!r} (expected ops or kernels)")
     run(device=args.device, repeat=args.repeat)
+
+
+def _size(text):
+    """argparse type for --size HxW."""
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH such as 800x1333, got {text!r}") from None
+    if h <= 0 or w <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive sides, got {text!r}")
+    return h, w
+
+
+def _data_subset(args, parser=None):
+    from .data.subset import make_subset
+
+    path, counts = make_subset(args.ann, args.images, args.n, args.out, name=args.name, seed=args.seed,
+                               copy=args.copy, keep_empty=args.keep_empty)
+    how = "copied" if args.copy else "linked"
+    print(f"wrote {path}: {counts['images']} images ({how} into {os.path.join(args.out, 'images')}/), "
+          f"{counts['annotations']} annotations, {counts['categories']} categories")
 
 
 def _data_shapes(args, parser=None):
@@ -152,11 +186,34 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="same seed, same files byte for byte")
     s.add_argument("--size", type=int, default=128, help="image side in pixels")
     s.set_defaults(func=_data_shapes)
+    u = dsub.add_parser("subset", help="cut N random images (and their annotations) out of a COCO file",
+                        description="Write OUT/NAME.json with N randomly drawn images of --ann and their "
+                                    "annotations (all categories kept), and link their files into "
+                                    "OUT/images/ (the layout train and eval expect).")
+    u.add_argument("--ann", required=True, help="COCO instances JSON, e.g. instances_train2017.json")
+    u.add_argument("--images", help="its image folder (default: images/ beside the JSON)")
+    u.add_argument("--n", type=_positive_int, required=True, help="number of images")
+    u.add_argument("--out", required=True, help="output folder (created if missing)")
+    u.add_argument("--name", help="output JSON name without .json (default: the --ann file's)")
+    u.add_argument("--seed", type=int, default=0, help="same seed, same subset")
+    u.add_argument("--copy", action="store_true", help="copy the image files instead of linking them")
+    u.add_argument("--keep-empty", action="store_true", help="also draw images without objects")
+    u.set_defaults(func=_data_subset)
 
     b = sub.add_parser("bench", help="time ops and kernels (and compare with torch where installed)")
-    b.add_argument("what", choices=["ops", "kernels"], help="ops: conv2d fwd+bwd; kernels: RoIAlign, NMS")
-    b.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    b.add_argument("what", choices=["ops", "kernels", "gpu", "memory"],
+                   help="ops: conv2d fwd+bwd; kernels: RoIAlign, NMS; gpu: kernels and the r50_fpn model "
+                        "beside torchvision on the same device; memory: column and activation sizes of "
+                        "an r50_fpn training step (shapes only, CPU)")
+    b.add_argument("--device", choices=["cpu", "gpu"], help="default: gpu for 'gpu', cpu for the others")
     b.add_argument("--repeat", type=int, default=5, help="timed repetitions (the median is printed)")
+    b.add_argument("--tf32", action="store_true", help="gpu: TF32 matrix products on both sides "
+                                                       "(sets CUPY_TF32=1); FP32 otherwise")
+    b.add_argument("--size", type=_size, default=(800, 1333),
+                   help="gpu, memory: image HxW (default 800x1333)")
+    b.add_argument("--only", choices=["kernels", "model"], help="gpu: run one part only")
+    b.add_argument("--json", help="gpu: also write the results to this JSON file")
+    b.add_argument("--batch", type=_positive_int, default=2, help="memory: images per batch")
     b.set_defaults(func=_bench)
 
     t = sub.add_parser("train", help="train a model (SGD, checkpoints, metrics.jsonl, loss.png, COCO eval)",
@@ -199,7 +256,14 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "tf32", False):
+        # CuPy reads CUPY_TF32 when it is imported: set it before anything imports CuPy.
+        os.environ["CUPY_TF32"] = "1"
     try:
+        if getattr(args, "device", None) == "gpu":  # say so now, not after loading data or a model
+            from .backend import require_gpu
+
+            require_gpu("--device gpu")
         args.func(args, getattr(args, "parser", parser))
     except USER_ERRORS as e:
         if os.environ.get("MINIMASK_DEBUG"):
