@@ -1,4 +1,5 @@
-"""Drawings with matplotlib: detections (Fig. 2 and 5 of the paper), boxes, masks, loss curves.
+"""Drawings with matplotlib: detections (Fig. 2 and 5 of the paper), boxes, masks, keypoint
+skeletons (Fig. 7), loss curves.
 
 Every function draws on a matplotlib ``Axes`` you pass as ``ax``; without one it makes a new
 figure with pyplot (handy in a notebook).  The commands pass their own ``Figure`` (no pyplot,
@@ -102,11 +103,32 @@ def draw_boxes(image, boxes, labels=None, ax=None, colours=None, linewidth=1.5, 
     return ax
 
 
+def draw_keypoints(keypoints, skeleton=(), ax=None, colours=None, image=None, markersize=3.0, linewidth=1.5):
+    """Keypoints (N, J, 3) as x, y, v (COCO's triplets; v > 0 drawn) with their skeleton: the
+    1-based pairs of keypoints joined by a limb (a category's ``skeleton``), as in Fig. 7 of the
+    paper.  Each instance in its own colour; a limb is drawn when both its ends are labelled."""
+    keypoints = _cpu(keypoints).reshape(-1, *(_cpu(keypoints).shape[-2:]))
+    if image is not None:
+        ax = show_image(image, ax)
+    ax = _axes(ax)
+    colours = colors(len(keypoints)) if colours is None else np.atleast_2d(np.asarray(colours, dtype=float))
+    for n, kp in enumerate(keypoints):
+        c = colours[n % len(colours)][:3]
+        seen = kp[:, 2] > 0
+        for a, b in skeleton:
+            if seen[a - 1] and seen[b - 1]:
+                ax.plot(kp[[a - 1, b - 1], 0], kp[[a - 1, b - 1], 1], color=c, linewidth=linewidth)
+        ax.plot(kp[seen, 0], kp[seen, 1], "o", color=c, markersize=markersize, markeredgecolor="white",
+                markeredgewidth=0.5)
+    return ax
+
+
 def draw_detections(image, boxes, labels, scores=None, masks=None, class_names=None, ax=None,
-                    score_thresh=0.0, alpha=0.45):
+                    score_thresh=0.0, alpha=0.45, keypoints=None, skeleton=()):
     """Detections as in the paper's figures: each instance a colour, its mask translucent, its
     box outlined, and "name 0.93" above the box.  ``class_names[k - 1]`` names label ``k``
-    (label 0 is background); without names the label number is written."""
+    (label 0 is background); without names the label number is written.  ``keypoints``
+    (N, J, 3), if given, are drawn with ``skeleton`` (rows with every v = 0 draw nothing)."""
     boxes = _cpu(boxes).reshape(-1, 4)
     labels = _cpu(labels).reshape(-1).astype(int)
     scores = np.ones(len(boxes)) if scores is None else _cpu(scores).reshape(-1)
@@ -124,7 +146,10 @@ def draw_detections(image, boxes, labels, scores=None, masks=None, class_names=N
         return str(k)
 
     texts = [f"{name(k)} {s:.2f}" for k, s in zip(labels, scores)]
-    return draw_boxes(None, boxes, ax=ax, colours=colours, texts=texts)
+    ax = draw_boxes(None, boxes, ax=ax, colours=colours, texts=texts)
+    if keypoints is not None and keep.any():
+        draw_keypoints(_cpu(keypoints)[keep], skeleton, ax=ax, colours=colours)
+    return ax
 
 
 def plot_losses(records, ax=None, smooth=20):
@@ -160,4 +185,5 @@ def new_figure(width=6.0, height=6.0):
     return Figure(figsize=(width, height))
 
 
-__all__ = ["draw_detections", "draw_boxes", "show_masks", "show_image", "plot_losses", "colors", "new_figure"]
+__all__ = ["draw_detections", "draw_keypoints", "draw_boxes", "show_masks", "show_image", "plot_losses",
+           "colors", "new_figure"]

@@ -42,6 +42,20 @@ def _flip_map(names):
 
 COCO_KEYPOINT_FLIP_MAP = _flip_map(COCO_KEYPOINT_NAMES)
 
+# The limbs drawn between keypoints, 1-based pairs as in COCO's person category "skeleton".
+COCO_SKELETON = ((16, 14), (14, 12), (17, 15), (15, 13), (12, 13), (6, 12), (7, 13), (6, 7), (6, 8),
+                 (7, 9), (8, 10), (9, 11), (2, 3), (1, 2), (1, 3), (2, 4), (3, 5), (4, 6), (5, 7))
+
+# OKS falloff per keypoint (COCO's keypoint evaluation; pycocotools' default kpt_oks_sigmas):
+# how far, relative to the object's size, annotators disagree on where each keypoint is.
+COCO_KEYPOINT_SIGMAS = (0.026, 0.025, 0.025, 0.035, 0.035, 0.079, 0.079, 0.072, 0.072, 0.062, 0.062,
+                        0.107, 0.107, 0.087, 0.087, 0.089, 0.089)
+
+
+def keypoint_flip_map(names):
+    """For each keypoint named ``left_*``/``right_*``, the index of its mirror twin."""
+    return _flip_map(tuple(names))
+
 
 def coco_class_names(num_classes=91):
     """Names of labels 1..num_classes-1 when labels *are* COCO ids (torchvision's models);
@@ -49,4 +63,5 @@ def coco_class_names(num_classes=91):
     return tuple(COCO_CATEGORIES.get(i, "N/A") for i in range(1, num_classes))
 
 
-__all__ = ["COCO_CATEGORIES", "COCO_KEYPOINT_NAMES", "COCO_KEYPOINT_FLIP_MAP", "coco_class_names"]
+__all__ = ["COCO_CATEGORIES", "COCO_KEYPOINT_NAMES", "COCO_KEYPOINT_FLIP_MAP", "COCO_SKELETON",
+           "COCO_KEYPOINT_SIGMAS", "keypoint_flip_map", "coco_class_names"]

@@ -9,6 +9,16 @@ turns one COCO image and its annotations into what the model takes:
             masks (N, H, W) uint8                             (polygons and RLE decoded)
             crowd_boxes (Mc, 4) float32                       (``iscrowd`` regions, see below)
             image_id int                                      (to write results files)
+            keypoints (N, J, 3) float32                       (only in keypoint data sets)
+
+Keypoint data sets (COCO's person_keypoints files, ``minimask data figures``) give a category
+its ``keypoints`` (the J names) and ``skeleton``; each of its annotations then has ``keypoints``
+= [x1, y1, v1, ...] with v = 0 not labelled, 1 labelled but hidden, 2 visible (Sec. 5).  Those
+come out as ``keypoints`` (N, J, 3); an object without them (another class, or a person with
+``num_keypoints`` 0) gets all v = 0, so it still trains the box branch but no keypoint.  The
+data set also offers ``keypoint_names``, ``keypoint_skeleton``, ``keypoint_flip_map`` (mirror
+twins, for flipping) and ``keypoint_sigmas`` (OKS falloffs: the category's
+``keypoint_sigmas`` if given, COCO's for its 17 person keypoints).
 
 Category ids in COCO are not contiguous (1..90 with gaps, or anything in other data sets), so
 they are mapped to labels 1..K in increasing id order; 0 is background.  ``cat_id_to_label``,
@@ -64,6 +74,7 @@ class CocoDataset:
         self.cat_id_to_label = {c["id"]: k + 1 for k, c in enumerate(cats)}
         self.label_to_cat_id = {k + 1: c["id"] for k, c in enumerate(cats)}
         self.class_names = tuple(c.get("name", str(c["id"])) for c in cats)  # of labels 1..K
+        self._keypoint_categories(cats)
 
         self.images = {}
         for img in data.get("images", []):
@@ -106,6 +117,35 @@ class CocoDataset:
         if not isinstance(data, dict) or "images" not in data:
             raise ValueError(f"{self.ann_file}: not a COCO annotation file (no 'images' list)")
         return data
+
+    def _keypoint_categories(self, cats):
+        """Keypoint names, skeleton, flip map and OKS sigmas from the categories that have them."""
+        from .categories import COCO_KEYPOINT_NAMES, COCO_KEYPOINT_SIGMAS, keypoint_flip_map
+
+        with_kp = [c for c in cats if c.get("keypoints")]
+        self.keypoint_cat_ids = tuple(c["id"] for c in with_kp)
+        self.keypoint_names, self.keypoint_skeleton, self.keypoint_flip_map = (), (), None
+        self.keypoint_sigmas = None
+        if not with_kp:
+            return
+        names = tuple(with_kp[0]["keypoints"])
+        for c in with_kp[1:]:
+            if tuple(c["keypoints"]) != names:
+                raise ValueError(f"{self.ann_file}: categories {with_kp[0]['id']} and {c['id']} have "
+                                 f"different keypoints; one list of keypoints is supported")
+        self.keypoint_names = names
+        self.keypoint_skeleton = tuple(tuple(int(i) for i in pair) for pair in with_kp[0].get("skeleton", []))
+        try:
+            self.keypoint_flip_map = keypoint_flip_map(names)
+        except KeyError as e:
+            raise ValueError(f"{self.ann_file}: keypoint {e.args[0]!r} has no mirror twin (names must pair "
+                             f"left_* with right_*)") from None
+        sigmas = with_kp[0].get("keypoint_sigmas")
+        if sigmas is None and names == COCO_KEYPOINT_NAMES:
+            sigmas = COCO_KEYPOINT_SIGMAS
+        if sigmas is not None and len(sigmas) != len(names):
+            raise ValueError(f"{self.ann_file}: {len(sigmas)} keypoint_sigmas for {len(names)} keypoints")
+        self.keypoint_sigmas = None if sigmas is None else tuple(float(s) for s in sigmas)
 
     def _bad(self, ann, what):
         return ValueError(f"{self.ann_file}: annotation id {ann.get('id')!r} "
@@ -150,6 +190,15 @@ class CocoDataset:
                 raise self._bad(ann, "bad segmentation: RLE counts must be a list or a string")
         else:
             raise self._bad(ann, f"bad segmentation {type(seg).__name__} (expected polygons or RLE)")
+        kp = ann.get("keypoints")
+        if kp is not None and self.keypoint_names:
+            j = len(self.keypoint_names)
+            if (not isinstance(kp, list) or len(kp) != 3 * j
+                    or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in kp)):
+                raise self._bad(ann, f"bad keypoints: expected {3 * j} numbers (x, y, v for each of the "
+                                     f"{j} keypoints of the category)")
+            if any(v not in (0, 1, 2) for v in kp[2::3]):
+                raise self._bad(ann, "bad keypoints: visibility flags must be 0, 1 or 2")
 
     def decode_mask(self, ann):
         """(H, W) uint8 mask of one annotation (polygons, uncompressed or compressed RLE)."""
@@ -204,7 +253,18 @@ class CocoDataset:
             "crowd_boxes": _xywh_to_xyxy([a["bbox"] for a in crowds]),
             "image_id": int(image_id),
         }
+        if self.keypoint_names:
+            target["keypoints"] = self._keypoints(objects)
         return image, target
+
+    def _keypoints(self, objects):
+        """(N, J, 3) float32 x, y, v; all zeros (v = 0, not labelled) for an object without any."""
+        j = len(self.keypoint_names)
+        out = np.zeros((len(objects), j, 3), np.float32)
+        for i, a in enumerate(objects):
+            if a.get("keypoints") and a.get("num_keypoints", 1) > 0:
+                out[i] = np.asarray(a["keypoints"], np.float32).reshape(j, 3)
+        return out
 
     @property
     def num_classes(self):

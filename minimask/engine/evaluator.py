@@ -17,6 +17,18 @@ Steps:
    Labels 1..K go back to the data set's own category ids (COCO's ids have gaps);
 3. run ``COCOeval`` for ``bbox`` and for ``segm`` and keep its 12 summary numbers.
 
+Keypoint models (Sec. 5) add ``"keypoints": [x1, y1, v1, ...]`` to the detections of the
+keypoint class, and are scored with ``COCOeval(iouType="keypoints")``: OKS, the object keypoint
+similarity, takes the place of IoU,
+
+    OKS = mean over labelled keypoints i of exp(-d_i^2 / (2 s^2 k_i^2)),   k_i = 2 sigma_i,
+
+d_i the distance from the predicted to the true keypoint, s^2 the object's area, sigma_i
+how much annotators disagree on keypoint i (COCO's 17 values, or the data set's own), so a
+prediction off by a few pixels on a big person is still right.  AP averages over OKS 0.50:0.95
+like box AP over IoU; there is no "small" range (COCO labels no keypoints on small people),
+so COCOeval gives 10 numbers (``KEYPOINT_STAT_NAMES``).
+
 Results are fractions in [0, 1] as COCOeval gives them (papers print them times 100); -1 means
 "no ground truth in this range" (e.g. APl on small images).
 """
@@ -33,6 +45,7 @@ from ..backend import device_of, to_device
 
 # COCOeval.stats, in order (Detectron2's names for the first six).
 STAT_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+KEYPOINT_STAT_NAMES = ("AP", "AP50", "AP75", "APm", "APl", "AR", "AR50", "AR75", "ARm", "ARl")
 
 
 def encode_masks(masks):
@@ -47,13 +60,19 @@ def encode_masks(masks):
     return rles
 
 
-def to_coco_results(prediction, image_id, label_to_cat_id):
-    """One image's prediction dict (boxes xyxy, scores, labels, masks) -> COCO result dicts."""
+def to_coco_results(prediction, image_id, label_to_cat_id, keypoint_labels=None):
+    """One image's prediction dict (boxes xyxy, scores, labels, masks, keypoints) -> COCO result
+    dicts.  With ``keypoints`` (N, J, 3) in the prediction, the detections whose label is in
+    ``keypoint_labels`` (all if None) get COCO's flat ``keypoints`` list, scored by the box score
+    (as torchvision's reference evaluation)."""
     boxes = np.asarray(to_device(prediction["boxes"], "cpu"), dtype=np.float64).reshape(-1, 4)
     scores = np.asarray(to_device(prediction["scores"], "cpu"), dtype=np.float64).reshape(-1)
     labels = np.asarray(to_device(prediction["labels"], "cpu")).reshape(-1)
     masks = prediction.get("masks")
     rles = encode_masks(to_device(masks, "cpu")) if masks is not None else [None] * len(boxes)
+    keypoints = prediction.get("keypoints")
+    if keypoints is not None:
+        keypoints = np.asarray(to_device(keypoints, "cpu"), dtype=np.float64).reshape(len(boxes), -1, 3)
     if not len(boxes) == len(scores) == len(labels) == len(rles):
         raise ValueError(f"image {image_id}: prediction has {len(boxes)} boxes, {len(scores)} scores, "
                          f"{len(labels)} labels and {len(rles)} masks; they must match")
@@ -67,6 +86,8 @@ def to_coco_results(prediction, image_id, label_to_cat_id):
              "score": float(score)}
         if rle is not None:
             r["segmentation"] = rle
+        if keypoints is not None and (keypoint_labels is None or int(label) in keypoint_labels):
+            r["keypoints"] = [round(float(v), 2) for v in keypoints[len(results)].reshape(-1)]
         results.append(r)
     return results
 
@@ -94,6 +115,8 @@ def predict_dataset(model, dataset, batch_size=2, progress=False):
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     device = _model_device(model)
+    cat_to_label = {c: k for k, c in dataset.label_to_cat_id.items()}
+    keypoint_labels = {cat_to_label[c] for c in getattr(dataset, "keypoint_cat_ids", ()) if c in cat_to_label}
     was_training = getattr(model, "training", False)
     model.eval()
     results = []
@@ -109,23 +132,30 @@ def predict_dataset(model, dataset, batch_size=2, progress=False):
                 items = [_image_and_id(dataset, i) for i in range(start, stop)]
                 images = [to_device(image, device) for image, _ in items]
                 for (_, image_id), pred in zip(items, model.predict(images)):
-                    results += to_coco_results(pred, image_id, dataset.label_to_cat_id)
+                    results += to_coco_results(pred, image_id, dataset.label_to_cat_id, keypoint_labels)
     finally:
         model.train(was_training)
     return results
 
 
-def coco_eval(coco_gt, results, iou_type, log=print):
-    """COCOeval's 12 summary numbers for ``iou_type`` ("bbox" or "segm") as a dict.
+def coco_eval(coco_gt, results, iou_type, log=print, sigmas=None, cat_ids=None):
+    """COCOeval's summary numbers for ``iou_type`` ("bbox", "segm": 12; "keypoints": 10) as a dict.
+
+    For "keypoints": ``sigmas`` the OKS falloff per keypoint (COCOeval's default is COCO's 17),
+    ``cat_ids`` the categories that have keypoints (others have no keypoints to compare), and
+    only the results with ``keypoints`` are scored.
 
     pycocotools' ``loadRes`` cannot take an empty list (it reads ``results[0]``), so a model
     that found nothing gets 0 everywhere, which is what the metric means: no recall.
     """
     from pycocotools.cocoeval import COCOeval
 
+    names = KEYPOINT_STAT_NAMES if iou_type == "keypoints" else STAT_NAMES
+    if iou_type == "keypoints":
+        results = [r for r in results if "keypoints" in r]
     if not results:
         log(f"{iou_type}: no detections at all, AP = 0")
-        return {name: 0.0 for name in STAT_NAMES}
+        return {name: 0.0 for name in names}
     # loadRes writes "area", "id" and "iscrowd" into the dicts it is given: hand it copies.
     # For masks, also drop "bbox": with it present loadRes would take each detection's area
     # from its box, and the area (which decides small/medium/large) must be the mask's.
@@ -135,13 +165,17 @@ def coco_eval(coco_gt, results, iou_type, log=print):
     with contextlib.redirect_stdout(quiet):  # pycocotools prints timings; keep only the table
         coco_dt = coco_gt.loadRes(results)
         ev = COCOeval(coco_gt, coco_dt, iou_type)
+        if sigmas is not None:
+            ev.params.kpt_oks_sigmas = np.asarray(sigmas, dtype=np.float64)
+        if cat_ids is not None:
+            ev.params.catIds = sorted(cat_ids)
         ev.evaluate()
         ev.accumulate()
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         ev.summarize()
     log(f"{iou_type}:\n{table.getvalue().rstrip()}")
-    return {name: float(v) for name, v in zip(STAT_NAMES, ev.stats)}
+    return {name: float(v) for name, v in zip(names, ev.stats)}
 
 
 def evaluate(model, dataset, out_dir=None, batch_size=2, log=print, progress=False):
@@ -159,6 +193,9 @@ def evaluate(model, dataset, out_dir=None, batch_size=2, log=print, progress=Fal
     metrics = {"bbox": coco_eval(dataset.coco, results, "bbox", log=log)}
     if has_masks:
         metrics["segm"] = coco_eval(dataset.coco, results, "segm", log=log)
+    if any("keypoints" in r for r in results):
+        metrics["keypoints"] = coco_eval(dataset.coco, results, "keypoints", log=log,
+                                         sigmas=dataset.keypoint_sigmas, cat_ids=dataset.keypoint_cat_ids)
     if out_dir is not None:
         os.makedirs(out_dir, exist_ok=True)
         with open(os.path.join(out_dir, "detections.json"), "w") as f:
@@ -168,4 +205,5 @@ def evaluate(model, dataset, out_dir=None, batch_size=2, log=print, progress=Fal
     return metrics
 
 
-__all__ = ["evaluate", "predict_dataset", "coco_eval", "to_coco_results", "encode_masks", "STAT_NAMES"]
+__all__ = ["evaluate", "predict_dataset", "coco_eval", "to_coco_results", "encode_masks", "STAT_NAMES",
+           "KEYPOINT_STAT_NAMES"]

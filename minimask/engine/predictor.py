@@ -41,9 +41,10 @@ class Predictor:
     and ``masks`` (N, H, W) bool, keeping the detections scoring at least ``score_thresh``.
     """
 
-    def __init__(self, model, class_names=(), device="cpu", score_thresh=0.5):
+    def __init__(self, model, class_names=(), device="cpu", score_thresh=0.5, skeleton=()):
         self.model = model
         self.class_names = tuple(class_names)
+        self.skeleton = tuple(skeleton)  # keypoint models: the limbs to draw
         self.device = device
         self.score_thresh = float(score_thresh)
         model.to(device)
@@ -62,7 +63,8 @@ class Predictor:
             raise ValueError(f"{path}: the checkpoint has no config, so the model cannot be rebuilt")
         model = (model_fn or trainer.build_model)(cfg)
         model.load_state_dict(state["model"])
-        return cls(model, cfg.class_names, device=device, score_thresh=score_thresh)
+        return cls(model, cfg.class_names, device=device, score_thresh=score_thresh,
+                   skeleton=getattr(cfg, "keypoint_skeleton", ()))
 
     def predict(self, images):
         """Predictions for a list of images (one dict per image, NumPy, thresholded)."""
@@ -74,8 +76,8 @@ class Predictor:
         for pred in preds:
             p = {k: np.asarray(to_device(v, "cpu")) for k, v in pred.items()}
             keep = p["scores"] >= self.score_thresh
-            out.append({k: v[keep] if k in ("boxes", "scores", "labels", "masks") else v
-                        for k, v in p.items()})
+            per_detection = ("boxes", "scores", "labels", "masks", "keypoints", "keypoints_scores")
+            out.append({k: v[keep] if k in per_detection else v for k, v in p.items()})
         return out
 
     def __call__(self, image):
@@ -86,7 +88,7 @@ class Predictor:
         return self.class_names[label - 1] if 1 <= label <= len(self.class_names) else str(label)
 
 
-def save_drawing(image, pred, class_names, path):
+def save_drawing(image, pred, class_names, path, skeleton=()):
     """Draw ``pred`` on ``image`` (``viz.draw_detections``) and save it as a PNG at the image's
     own resolution."""
     from ..viz import draw_detections, new_figure
@@ -96,7 +98,7 @@ def save_drawing(image, pred, class_names, path):
     fig = new_figure(w / dpi, h / dpi)
     ax = fig.add_axes([0, 0, 1, 1])  # the whole figure: no margins around the picture
     draw_detections(image, pred["boxes"], pred["labels"], pred["scores"], pred.get("masks"),
-                    class_names=class_names, ax=ax)
+                    class_names=class_names, ax=ax, keypoints=pred.get("keypoints"), skeleton=skeleton)
     fig.savefig(path, dpi=dpi)
     return path
 
@@ -121,15 +123,20 @@ def predict_files(predictor, paths, out_dir, log=print):
             n += 1
             name = f"{stem}_{n}"
         used.add(name)
-        drawing = save_drawing(image, pred, predictor.class_names, os.path.join(out_dir, name + ".png"))
+        drawing = save_drawing(image, pred, predictor.class_names, os.path.join(out_dir, name + ".png"),
+                               skeleton=getattr(predictor, "skeleton", ()))
         masks = pred.get("masks")
         rles = encode_masks(masks) if masks is not None else [None] * len(pred["boxes"])
         detections = []
-        for box, score, label, rle in zip(pred["boxes"], pred["scores"], pred["labels"], rles):
+        keypoints = pred.get("keypoints")
+        rows = zip(pred["boxes"], pred["scores"], pred["labels"], rles)
+        for i, (box, score, label, rle) in enumerate(rows):
             d = {"label": int(label), "class": predictor.name(label), "score": float(score),
                  "box_xyxy": [float(v) for v in box]}
             if rle is not None:
                 d["segmentation"] = rle
+            if keypoints is not None and keypoints[i, :, 2].any():  # x, y, v per keypoint
+                d["keypoints"] = [round(float(v), 2) for v in keypoints[i].reshape(-1)]
             detections.append(d)
         results.append({"file": os.fspath(path), "height": int(image.shape[0]), "width": int(image.shape[1]),
                         "drawing": drawing, "detections": detections})

@@ -119,6 +119,12 @@ def _match_classes(cfg, dataset, log):
         if cfg.class_names:
             log(f"class names {list(cfg.class_names)} replaced by the data set's {list(dataset.class_names)}")
         cfg = dataclasses.replace(cfg, class_names=tuple(dataset.class_names))
+    if getattr(cfg, "keypoint_on", False):
+        names = tuple(getattr(dataset, "keypoint_names", ()))
+        if len(names) != cfg.num_keypoints:
+            raise ValueError(f"{dataset.ann_file} has {len(names)} keypoints per object but the config "
+                             f"says num_keypoints={cfg.num_keypoints}")
+        cfg = dataclasses.replace(cfg, keypoint_names=names, keypoint_skeleton=dataset.keypoint_skeleton)
     return cfg
 
 
@@ -187,8 +193,10 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
         scheduler.load_state_dict(state["scheduler"])
         start = state["iteration"]
         seed = state["loader"]["seed"]  # the data order of the run being continued
+    # A flipped left knee is a right knee: keypoint data sets give the swap map.
+    flip = RandomHorizontalFlip(cfg.hflip_prob, getattr(dataset, "keypoint_flip_map", None))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=seed,
-                        train_transform=RandomHorizontalFlip(cfg.hflip_prob), drop_last=True)
+                        train_transform=flip, drop_last=True)
 
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(dataclasses.asdict(cfg), f, indent=2)

@@ -65,12 +65,28 @@ class MaskRCNNConfig:
     mask_threshold: float = 0.5          # Sec. 3.1: "binarized at a threshold of 0.5"
     sampling_ratio: int = 2              # RoIAlign samples per bin side (Detectron2: 0 = adaptive)
     aligned: bool = False                # torchvision: False; Detectron2 ROIAlignV2: True
+    # Three more places where torchvision's released model and Detectron2 differ (interop.py):
+    frozen_bn_eps: float = 1e-5          # FrozenBatchNorm2d eps (both 1e-5; torchvision <= 0.5: 0)
+    resize_rounding: str = "round"       # resized side: "round" (Detectron2) or "floor" (torchvision)
+    paste_mode: str = "detectron2"       # mask pasting, ops/masks.py: "detectron2" | "torchvision"
 
     # ---- the paper's ablations (Table 2) as switches -----------------------------------
     pooler_type: str = "roialign"        # "roialign" | "roipool" | "roiwarp"   (Table 2c)
     mask_loss: str = "sigmoid"           # "sigmoid" | "softmax"                 (Table 2b)
     class_agnostic_masks: bool = False   # Table 2b/Sec. 4.2: class-specific vs agnostic
     mask_head_type: str = "fcn"          # "fcn" | "mlp"                         (Table 2e)
+
+    # ---- which heads, and the keypoint head of Sec. 5 ("Human Pose Estimation") -----------
+    # torchvision's keypointrcnn_resnet50_fpn is box + keypoints (mask_on=False).
+    mask_on: bool = True
+    keypoint_on: bool = False
+    num_keypoints: int = 17              # K one-hot masks per RoI, one per keypoint
+    keypoint_pool_size: int = 14         # RoIAlign 14x14 -> ... -> 56x56 heatmaps (m = 56)
+    keypoint_head_dim: int = 512         # eight 3x3 convs of 512 (Sec. 5)
+    keypoint_head_convs: int = 8
+    keypoint_label: int = 1              # the class whose RoIs learn keypoints (the person)
+    keypoint_names: tuple = ()           # names of the keypoints, for drawings and checks
+    keypoint_skeleton: tuple = ()        # pairs of 1-based keypoint indices, as COCO's "skeleton"
 
     # ---- training (Sec. 3.1: SGD, momentum 0.9, weight decay 1e-4) ---------------------
     batch_size: int = 2
@@ -98,6 +114,8 @@ CHOICES = {
     "pooler_type": ("roialign", "roipool", "roiwarp"),
     "mask_loss": ("sigmoid", "softmax"),
     "mask_head_type": ("fcn", "mlp"),
+    "resize_rounding": ("round", "floor"),
+    "paste_mode": ("detectron2", "torchvision"),
 }
 
 
@@ -112,6 +130,15 @@ def check(cfg):
         raise ValueError(f"config: freeze_at={cfg.freeze_at} must be in 0..5")
     if len(cfg.anchor_sizes) != 5:
         raise ValueError(f"config: anchor_sizes needs one entry per level P2..P6, got {len(cfg.anchor_sizes)}")
+    if cfg.keypoint_on:
+        if cfg.num_keypoints < 1:
+            raise ValueError(f"config: num_keypoints={cfg.num_keypoints} must be at least 1")
+        if not 1 <= cfg.keypoint_label < cfg.num_classes:
+            raise ValueError(f"config: keypoint_label={cfg.keypoint_label} must be a class in "
+                             f"1..{cfg.num_classes - 1}")
+        if cfg.keypoint_names and len(cfg.keypoint_names) != cfg.num_keypoints:
+            raise ValueError(f"config: {len(cfg.keypoint_names)} keypoint_names for "
+                             f"num_keypoints={cfg.num_keypoints}")
     for name in ("lr", "batch_size", "iters", "max_size", "fpn_out_channels", "width"):
         if getattr(cfg, name) <= 0:
             raise ValueError(f"config: {name}={getattr(cfg, name)!r} must be positive")
@@ -139,7 +166,43 @@ def _r50_fpn():
     return MaskRCNNConfig()
 
 
-PRESETS = {"shapes": _shapes, "r50_fpn": _r50_fpn}
+def _torchvision_r50_fpn():
+    """torchvision's maskrcnn_resnet50_fpn, setting for setting, to run its COCO weights
+    (``minimask convert-weights``): labels are COCO category ids (91 outputs), sides resized by
+    flooring, masks pasted as torchvision pastes them; the rest are already the defaults."""
+    from ..data.categories import coco_class_names
+
+    return MaskRCNNConfig(class_names=coco_class_names(91), frozen_bn_eps=1e-5, resize_rounding="floor",
+                          paste_mode="torchvision")
+
+
+def _figures():
+    """Keypoints on CPU: the shapes model with a narrow keypoint head and no mask head, on the
+    synthetic stick figures (``minimask data figures``: 11 joints, 3 distractor classes)."""
+    from ..data.figures import CLASSES, KEYPOINT_NAMES, SKELETON
+
+    return dataclasses.replace(
+        _shapes(), num_classes=len(CLASSES) + 1, class_names=CLASSES,
+        mask_on=False, keypoint_on=True, num_keypoints=len(KEYPOINT_NAMES), keypoint_label=1,
+        keypoint_head_dim=64, keypoint_head_convs=4,
+        keypoint_names=KEYPOINT_NAMES, keypoint_skeleton=SKELETON,
+    )
+
+
+def _r50_fpn_keypoints():
+    """The paper's ResNet-50-FPN keypoint model as torchvision's keypointrcnn_resnet50_fpn: person
+    and background, 17 COCO keypoints, box + keypoint heads, multi-scale training 640..800."""
+    from ..data.categories import COCO_KEYPOINT_NAMES, COCO_SKELETON
+
+    return MaskRCNNConfig(
+        num_classes=2, class_names=("person",), min_size=(640, 672, 704, 736, 768, 800),
+        mask_on=False, keypoint_on=True, num_keypoints=17,
+        keypoint_names=COCO_KEYPOINT_NAMES, keypoint_skeleton=COCO_SKELETON,
+    )
+
+
+PRESETS = {"shapes": _shapes, "r50_fpn": _r50_fpn, "torchvision_r50_fpn": _torchvision_r50_fpn,
+           "figures": _figures, "r50_fpn_keypoints": _r50_fpn_keypoints}
 
 
 def preset(name):

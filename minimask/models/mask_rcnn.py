@@ -35,6 +35,7 @@ from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork
 
 LOSS_NAMES = ("loss_rpn_cls", "loss_rpn_box", "loss_cls", "loss_box", "loss_mask")
+KEYPOINT_LOSS = "loss_keypoint"  # Sec. 5, with cfg.keypoint_on (loss_mask only with cfg.mask_on)
 
 
 class MaskRCNN(nn.Module):
@@ -107,7 +108,7 @@ class MaskRCNN(nn.Module):
             target = None if targets is None else self._target_on_device(targets[i], image.shape[:2], i, device)
             # Bilinear resizing is linear with weights summing to one, so it commutes with the
             # per-channel affine normalization: resize first, then normalize into CHW.
-            image, target = resize(image, target, min_size, cfg.max_size)
+            image, target = resize(image, target, min_size, cfg.max_size, cfg.resize_rounding)
             out_images.append(normalize(image, cfg.image_mean, cfg.image_std))
             out_targets.append(target)
         batch, sizes = batch_images(out_images, cfg.size_divisible)
@@ -115,21 +116,31 @@ class MaskRCNN(nn.Module):
 
     def _target_on_device(self, target, image_size, i, device):
         """Check one target against its image and move its arrays to ``device``."""
-        for key in ("boxes", "labels", "masks"):
+        cfg = self.cfg
+        needed = ("boxes", "labels") + ("masks",) * cfg.mask_on + ("keypoints",) * cfg.keypoint_on
+        for key in needed:
             if key not in target:
                 raise ValueError(f"model: target {i} needs {key!r}, got keys {sorted(target)}")
         t = {k: to_device(getattr(v, "data", v), device) for k, v in target.items()
-             if k in ("boxes", "labels", "masks", "crowd_boxes") and v is not None}
+             if k in needed + ("crowd_boxes",) and v is not None}
         xp = get_array_module(t["boxes"])
         t["boxes"] = t["boxes"].astype(xp.float32).reshape(-1, 4)
         t["labels"] = t["labels"].astype(xp.int64).reshape(-1)
         if "crowd_boxes" in t:
             t["crowd_boxes"] = t["crowd_boxes"].astype(xp.float32).reshape(-1, 4)
         g = t["boxes"].shape[0]
-        if t["labels"].shape[0] != g or t["masks"].shape[0] != g:
+        if cfg.keypoint_on:
+            t["keypoints"] = t["keypoints"].astype(xp.float32)
+            if t["keypoints"].shape != (g, cfg.num_keypoints, 3):
+                raise ValueError(f"model: target {i} keypoints should be ({g}, {cfg.num_keypoints}, 3) "
+                                 f"(x, y, visibility per keypoint), got {tuple(t['keypoints'].shape)}")
+        if not cfg.mask_on:
+            if t["labels"].shape[0] != g:
+                raise ValueError(f"model: target {i} has {g} boxes and {t['labels'].shape[0]} labels")
+        elif t["labels"].shape[0] != g or t["masks"].shape[0] != g:
             raise ValueError(f"model: target {i} has {g} boxes, {t['labels'].shape[0]} labels and "
                              f"{t['masks'].shape[0]} masks (one each)")
-        if t["masks"].ndim != 3 or tuple(t["masks"].shape[1:]) != tuple(image_size):
+        elif t["masks"].ndim != 3 or tuple(t["masks"].shape[1:]) != tuple(image_size):
             raise ValueError(f"model: target {i} masks should be (G, {image_size[0]}, {image_size[1]}) "
                              f"like its image, got {tuple(t['masks'].shape)}")
         if g and (int(t["labels"].min()) < 1 or int(t["labels"].max()) >= self.cfg.num_classes):
@@ -149,7 +160,7 @@ class MaskRCNN(nn.Module):
         proposals, rpn_losses = self.rpn(features, sizes, batch.shape[-2:], targets)
         _, head_losses = self.roi_heads(features, proposals, sizes, targets)
         losses = {**rpn_losses, **head_losses}
-        return {name: losses[name] for name in LOSS_NAMES}
+        return {name: losses[name] for name in LOSS_NAMES + (KEYPOINT_LOSS,) if name in losses}
 
     # ---- inference ----------------------------------------------------------------------
     def predict(self, images):
@@ -176,9 +187,16 @@ class MaskRCNN(nn.Module):
         """Boxes back to the caller's pixels; 28x28 mask probabilities pasted into its image
         and binarized at ``cfg.mask_threshold`` (Sec. 3.1: 0.5)."""
         boxes = resize_boxes(detection["boxes"], resized_size, original_size)
-        masks = paste_masks_in_image(detection["mask_probs"], boxes, original_size,
-                                     threshold=self.cfg.mask_threshold)
-        return dict(boxes=boxes, scores=detection["scores"], labels=detection["labels"], masks=masks)
+        out = dict(boxes=boxes, scores=detection["scores"], labels=detection["labels"])
+        if self.cfg.mask_on:
+            out["masks"] = paste_masks_in_image(detection["mask_probs"], boxes, original_size,
+                                                threshold=self.cfg.mask_threshold, mode=self.cfg.paste_mode)
+        if self.cfg.keypoint_on:  # x, y scaled back like the boxes; the visibility column kept
+            keypoints = detection["keypoints"].copy()
+            keypoints[..., 0] *= original_size[1] / resized_size[1]
+            keypoints[..., 1] *= original_size[0] / resized_size[0]
+            out["keypoints"], out["keypoints_scores"] = keypoints, detection["keypoints_scores"]
+        return out
 
 
-__all__ = ["MaskRCNN", "LOSS_NAMES"]
+__all__ = ["MaskRCNN", "LOSS_NAMES", "KEYPOINT_LOSS"]

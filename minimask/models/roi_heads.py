@@ -27,6 +27,13 @@ from ..functional import softmax
 from ..ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_area, box_iou
 from ..tensor import Tensor, no_grad
 from .box_head import BoxHead, BoxPredictor, fastrcnn_loss, postprocess_detections
+from .keypoint_head import (
+    KeypointHead,
+    KeypointPredictor,
+    heatmaps_to_keypoints,
+    keypoint_loss,
+    keypoints_to_heatmap,
+)
 from .mask_head import (
     MaskHead,
     MaskMLPHead,
@@ -91,7 +98,8 @@ class RoIHeads(nn.Module):
         pool = dict(sampling_ratio=cfg.sampling_ratio, aligned=cfg.aligned, pooler_type=cfg.pooler_type,
                     strides=FPN_STRIDES)
         self.box_roi_pool = MultiScaleRoIAlign(cfg.box_pool_size, **pool)
-        self.mask_roi_pool = MultiScaleRoIAlign(cfg.mask_pool_size, **pool)
+        if cfg.mask_on:
+            self.mask_roi_pool = MultiScaleRoIAlign(cfg.mask_pool_size, **pool)
 
         self.box_head = BoxHead(in_channels * cfg.box_pool_size ** 2, cfg.box_head_dim)
         self.box_predictor = BoxPredictor(cfg.box_head_dim, num_classes)
@@ -99,12 +107,20 @@ class RoIHeads(nn.Module):
         # The deconvolution doubles the pooled size: 14x14 features give 28x28 masks (m = 28).
         self.mask_resolution = 2 * cfg.mask_pool_size
         channels = mask_channels(cfg)
-        if cfg.mask_head_type == "mlp":
+        if not cfg.mask_on:
+            pass  # a box (+ keypoint) model, as torchvision's keypointrcnn
+        elif cfg.mask_head_type == "mlp":
             self.mask_head = MaskMLPHead(in_channels * cfg.mask_pool_size ** 2, cfg.box_head_dim)
             self.mask_predictor = MaskMLPPredictor(cfg.box_head_dim, channels, self.mask_resolution)
         else:
             self.mask_head = MaskHead(in_channels, cfg.mask_head_dim, cfg.mask_head_convs)
             self.mask_predictor = MaskPredictor(cfg.mask_head_dim, cfg.mask_head_dim, channels)
+
+        # Sec. 5: the keypoint branch, K one-hot 56x56 masks per RoI (keypoint_head.py).
+        if cfg.keypoint_on:
+            self.keypoint_roi_pool = MultiScaleRoIAlign(cfg.keypoint_pool_size, **pool)
+            self.keypoint_head = KeypointHead(in_channels, cfg.keypoint_head_dim, cfg.keypoint_head_convs)
+            self.keypoint_predictor = KeypointPredictor(cfg.keypoint_head_dim, cfg.num_keypoints)
 
         self.box_coder = BoxCoder(cfg.bbox_reg_weights)
         self.matcher = Matcher(cfg.box_fg_iou_thresh, cfg.box_bg_iou_thresh, allow_low_quality_matches=False)
@@ -168,16 +184,23 @@ class RoIHeads(nn.Module):
         if targets is not None:
             moved = []
             for t in targets:
-                for key in ("boxes", "labels", "masks"):
+                needed = ("boxes", "labels") + ("masks",) * self.cfg.mask_on
+                needed += ("keypoints",) * self.cfg.keypoint_on
+                for key in needed:
                     if key not in t:
                         raise ValueError(f"roi_heads: each target needs {key!r}, got keys {sorted(t)}")
-                m = dict(boxes=move(t["boxes"], dtype).reshape(-1, 4), labels=move(t["labels"], xp.int64),
-                         masks=move(t["masks"]))
+                m = dict(boxes=move(t["boxes"], dtype).reshape(-1, 4), labels=move(t["labels"], xp.int64))
+                if self.cfg.mask_on:
+                    m["masks"] = move(t["masks"])
+                if self.cfg.keypoint_on:
+                    kp = move(t["keypoints"], dtype)
+                    m["keypoints"] = kp.reshape(len(m["boxes"]), self.cfg.num_keypoints, 3)
                 if t.get("crowd_boxes") is not None:
                     m["crowd_boxes"] = move(t["crowd_boxes"], dtype).reshape(-1, 4)
-                if len(m["labels"]) != len(m["boxes"]) or len(m["masks"]) != len(m["boxes"]):
+                n_masks = len(m.get("masks", m["boxes"]))  # a model without masks needs none
+                if len(m["labels"]) != len(m["boxes"]) or n_masks != len(m["boxes"]):
                     raise ValueError(f"roi_heads: target has {len(m['boxes'])} boxes, "
-                                     f"{len(m['labels'])} labels and {len(m['masks'])} masks (one each)")
+                                     f"{len(m['labels'])} labels and {n_masks} masks (one each)")
                 moved.append(m)
             targets = moved
         return proposals, targets
@@ -211,6 +234,11 @@ class RoIHeads(nn.Module):
         deltas = xp.concatenate([s["regression_targets"] for s in samples])
         loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, deltas)
 
+        losses = {"loss_cls": loss_cls, "loss_box": loss_box}
+        if cfg.keypoint_on:
+            losses["loss_keypoint"] = self.keypoint_losses(features, samples, targets)
+        if not cfg.mask_on:
+            return losses
         # The mask branch sees the positive RoIs only, each with its gt mask cropped to the RoI.
         pos_boxes, pos_labels, mask_targets = [], [], []
         for s, t in zip(samples, targets):
@@ -222,7 +250,23 @@ class RoIHeads(nn.Module):
         mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_boxes)))
         loss_mask = mask_loss(mask_logits, xp.concatenate(mask_targets), xp.concatenate(pos_labels),
                               cfg.mask_loss, cfg.class_agnostic_masks)
-        return {"loss_cls": loss_cls, "loss_box": loss_box, "loss_mask": loss_mask}
+        losses["loss_mask"] = loss_mask
+        return losses
+
+    def keypoint_losses(self, features, samples, targets):
+        """L_keypoint (Sec. 5): the positive RoIs of the keypoint class ("trained on RoIs of the
+        person class only"), each with the keypoints of its matched gt, one-hot on 56x56."""
+        xp = get_array_module(features[0].data)
+        boxes, heatmaps, valid = [], [], []
+        for s, t in zip(samples, targets):
+            pos = xp.nonzero(s["labels"] == self.cfg.keypoint_label)[0]
+            boxes.append(s["boxes"][pos])
+            gt = t["keypoints"][s["matched_idxs"][pos]]
+            h, v = keypoints_to_heatmap(gt, s["boxes"][pos], 4 * self.cfg.keypoint_pool_size)
+            heatmaps.append(h)
+            valid.append(v)
+        logits = self.keypoint_predictor(self.keypoint_head(self.keypoint_roi_pool(features, boxes)))
+        return keypoint_loss(logits, xp.concatenate(heatmaps), xp.concatenate(valid))
 
     # ---- inference ---------------------------------------------------------------------------
     def detect(self, features, proposals, image_sizes):
@@ -245,6 +289,10 @@ class RoIHeads(nn.Module):
 
         det_boxes = [r["boxes"] for r in results]
         det_labels = xp.concatenate([r["labels"] for r in results])
+        if cfg.keypoint_on:
+            self.detect_keypoints(features, results)
+        if not cfg.mask_on:
+            return results
         if len(det_labels) == 0:
             probs = xp.zeros((0, m, m), dtype)
         else:
@@ -255,6 +303,26 @@ class RoIHeads(nn.Module):
             r["mask_probs"] = probs[start:start + len(r["boxes"])]
             start += len(r["boxes"])
         return results
+
+    def detect_keypoints(self, features, results):
+        """Adds ``keypoints`` (D, K, 3) and ``keypoints_scores`` (D, K) to each image's results:
+        the head runs on the detections of the keypoint class; other detections get zeros
+        (v = 0, "no keypoint")."""
+        xp = get_array_module(features[0].data)
+        k = self.cfg.num_keypoints
+        chosen = [xp.nonzero(r["labels"] == self.cfg.keypoint_label)[0] for r in results]
+        for r in results:
+            r["keypoints"] = xp.zeros((len(r["boxes"]), k, 3), dtype=xp.float32)
+            r["keypoints_scores"] = xp.zeros((len(r["boxes"]), k), dtype=xp.float32)
+        if sum(len(c) for c in chosen) == 0:
+            return
+        boxes = [r["boxes"][c] for r, c in zip(results, chosen)]
+        maps = self.keypoint_predictor(self.keypoint_head(self.keypoint_roi_pool(features, boxes))).data
+        start = 0
+        for r, c, b in zip(results, chosen, boxes):
+            points, scores = heatmaps_to_keypoints(maps[start:start + len(b)], b)
+            r["keypoints"][c], r["keypoints_scores"][c] = points, scores
+            start += len(b)
 
 
 __all__ = ["RoIHeads", "crowd_ignore_mask", "FPN_STRIDES"]
