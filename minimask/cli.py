@@ -67,10 +67,10 @@ def _train(args, parser):
     train_ann, train_images = args.train_ann, args.train_images
     val_ann, val_images = args.val_ann, args.val_images
     if train_ann is None:
-        if args.config != "shapes":
+        if args.config not in ("shapes", "figures"):
             parser.error(f"--train-ann is needed for --config {args.config} "
-                         f"(only 'shapes' makes its own data)")
-        train_ann, val_ann = _shapes_data("data/shapes")
+                         f"(only 'shapes' and 'figures' make their own data)")
+        train_ann, val_ann = _shapes_data(f"data/{args.config}", kind=args.config)
         train_images = val_images = None
     out = args.out or os.path.join("runs", args.config)
     summary = train(cfg, train_ann, train_images, val_ann, val_images, out_dir=out, device=args.device,
@@ -80,15 +80,18 @@ def _train(args, parser):
             print(f"{kind} AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}")
 
 
-def _shapes_data(folder):
+def _shapes_data(folder, kind="shapes"):
     """``folder/train.json`` and ``val.json``, generated with the defaults of ``data shapes``
-    the first time."""
+    (or ``data figures``) the first time."""
     train_json, val_json = os.path.join(folder, "train.json"), os.path.join(folder, "val.json")
     if not (os.path.isfile(train_json) and os.path.isfile(val_json)):
-        from .data.shapes import make_shapes
+        if kind == "figures":
+            from .data.figures import make_figures as make
+        else:
+            from .data.shapes import make_shapes as make
 
-        print(f"no data given: generating the synthetic shapes data set in {folder}/ (once)")
-        make_shapes(folder)
+        print(f"no data given: generating the synthetic {kind} data set in {folder}/ (once)")
+        make(folder)
     return train_json, val_json
 
 
@@ -173,6 +176,18 @@ def _data_shapes(args, parser=None):
           f"annotations {train_json} and {val_json} ({time.perf_counter() - t:.1f} s)")
 
 
+def _data_figures(args, parser=None):
+    import time
+
+    from .data.figures import make_figures
+
+    t = time.perf_counter()
+    train_json, val_json = make_figures(args.out, train=args.train, val=args.val, seed=args.seed,
+                                        size=args.size)
+    print(f"wrote {args.train} + {args.val} images of {args.size} px to {args.out}/images/, "
+          f"annotations {train_json} and {val_json} ({time.perf_counter() - t:.1f} s)")
+
+
 def build_parser():
     p = argparse.ArgumentParser(prog="minimask", description="Mask R-CNN from scratch on NumPy and CuPy")
     sub = p.add_subparsers(dest="command", required=True)
@@ -186,6 +201,14 @@ def build_parser():
     s.add_argument("--seed", type=int, default=0, help="same seed, same files byte for byte")
     s.add_argument("--size", type=int, default=128, help="image side in pixels")
     s.set_defaults(func=_data_shapes)
+    g = dsub.add_parser("figures", help="synthetic stick figures with 11 keypoints and distractor shapes, "
+                                        "COCO keypoint format (train.json, val.json, images/)")
+    g.add_argument("--out", required=True, help="output folder (created if missing)")
+    g.add_argument("--train", type=int, default=1500, help="number of training images")
+    g.add_argument("--val", type=int, default=200, help="number of validation images")
+    g.add_argument("--seed", type=int, default=0, help="same seed, same files byte for byte")
+    g.add_argument("--size", type=int, default=128, help="image side in pixels")
+    g.set_defaults(func=_data_figures)
     u = dsub.add_parser("subset", help="cut N random images (and their annotations) out of a COCO file",
                         description="Write OUT/NAME.json with N randomly drawn images of --ann and their "
                                     "annotations (all categories kept), and link their files into "
@@ -217,9 +240,11 @@ def build_parser():
     b.set_defaults(func=_bench)
 
     t = sub.add_parser("train", help="train a model (SGD, checkpoints, metrics.jsonl, loss.png, COCO eval)",
-                       description="Train on a COCO-format data set. With no data flags and --config shapes, "
-                                   "the synthetic shapes set is generated in data/shapes (once) and used.")
-    t.add_argument("--config", type=_preset_name, default="shapes", help="preset name (shapes, r50_fpn)")
+                       description="Train on a COCO-format data set. With no data flags and --config shapes "
+                                   "(or figures), the synthetic shapes (or stick figures) are generated in "
+                                   "data/shapes (data/figures) once and used.")
+    t.add_argument("--config", type=_preset_name, default="shapes",
+                   help="preset name (shapes, r50_fpn, figures, r50_fpn_keypoints, ...)")
     t.add_argument("--train-ann", help="training annotation JSON (COCO format)")
     t.add_argument("--train-images", help="training image folder (default: images/ beside the JSON)")
     t.add_argument("--val-ann", help="validation annotation JSON (evaluated every eval_period and at "
