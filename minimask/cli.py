@@ -101,6 +101,9 @@ def _eval(args, parser):
 
     dataset = CocoDataset(args.ann, args.images, train=False)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    if getattr(predictor.model.cfg, "labels_are_coco_ids", False):
+        # torchvision's COCO models predict the category id itself (91 outputs), not 1..80.
+        dataset.label_to_cat_id = {i: i for i in range(1, predictor.model.cfg.num_classes)}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
     metrics = evaluate(predictor.model, dataset, out_dir=out, batch_size=args.batch_size, progress=True)
@@ -115,7 +118,17 @@ def _predict(args, parser):
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:  # before loading the model: a typo should fail at once
         raise FileNotFoundError(f"image file not found: {', '.join(missing)}")
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, score_thresh=args.score_thresh)
+    if (args.checkpoint is None) == (args.weights is None):
+        parser.error("give one of --checkpoint (a training checkpoint) or --weights (converted weights)")
+    if args.weights is not None:  # converted torchvision weights (minimask convert-weights)
+        from .interop import load_weights_file
+
+        model = load_weights_file(args.weights)
+        predictor = Predictor(model, model.cfg.class_names, device=args.device,
+                              score_thresh=args.score_thresh)
+    else:
+        predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device,
+                                              score_thresh=args.score_thresh)
     predict_files(predictor, args.images, args.out)
     print(f"wrote {len(args.images)} drawings and {args.out}/detections.json")
 
@@ -162,6 +175,18 @@ def _data_subset(args, parser=None):
     how = "copied" if args.copy else "linked"
     print(f"wrote {path}: {counts['images']} images ({how} into {os.path.join(args.out, 'images')}/), "
           f"{counts['annotations']} annotations, {counts['categories']} categories")
+
+
+def _convert_weights(args, parser=None):
+    from .interop import convert_weights
+
+    try:
+        summary = convert_weights(args.pth, args.out)
+    except ImportError as e:  # no torch to read the .pth: a one-line message, not a traceback
+        raise RuntimeError(str(e)) from None
+    print(f"wrote {summary['path']}: {summary['tensors']} tensors, all in place ({summary['renamed']} "
+          f"renamed from torchvision's current names)")
+    print(f"run it: minimask predict --weights {summary['path']} IMAGE")
 
 
 def _data_shapes(args, parser=None):
@@ -269,12 +294,22 @@ def build_parser():
     e.set_defaults(func=_eval, parser=e)
 
     r = sub.add_parser("predict", help="detect objects in image files; draw them and write detections.json")
-    r.add_argument("--checkpoint", required=True, help="a model_*.npz written by train")
+    r.add_argument("--checkpoint", help="a model_*.npz written by train")
+    r.add_argument("--weights", help="weights converted by convert-weights (or any minimask .npz of them)")
     r.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
     r.add_argument("--out", default="predictions", help="output folder (default: predictions/)")
     r.add_argument("--score-thresh", type=_score, default=0.5, help="keep detections scoring at least this")
     r.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     r.set_defaults(func=_predict, parser=r)
+
+    c = sub.add_parser("convert-weights", help="torchvision Mask R-CNN weights (.pth) -> minimask .npz",
+                       description="Read torchvision's maskrcnn_resnet50_fpn weights (the published COCO "
+                                   "checkpoint or any state_dict() of that model; needs torch to read), "
+                                   "check that every tensor finds its place in the torchvision_r50_fpn "
+                                   "preset, and write a minimask checkpoint for predict and eval.")
+    c.add_argument("pth", metavar="MODEL.pth", help="e.g. maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
+    c.add_argument("out", metavar="OUT.npz", help="where to write the minimask checkpoint")
+    c.set_defaults(func=_convert_weights, parser=c)
     return p
 
 

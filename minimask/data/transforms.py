@@ -19,19 +19,25 @@ from ..backend import get_array_module
 # ---------------------------------------------------------------- resize
 
 
-def resized_size(height, width, min_size, max_size):
+def resized_size(height, width, min_size, max_size, rounding="round"):
     """(new_h, new_w): shorter side to ``min_size`` unless that makes the longer side pass
     ``max_size``, in which case the longer side becomes ``max_size``; aspect ratio kept.
 
     scale = min(min_size / short, max_size / long), as torchvision's GeneralizedRCNNTransform.
-    Sides are rounded to the nearest pixel (Detectron2's ResizeShortestEdge; torchvision floors),
-    so a 480 x 640 image at min_size 800 becomes exactly 800 x 1067.
+    ``rounding="round"``: sides rounded to the nearest pixel (Detectron2's ResizeShortestEdge),
+    so a 480 x 640 image at min_size 800 becomes exactly 800 x 1067.  ``"floor"``: torchvision's
+    ``interpolate(scale_factor=scale, recompute_scale_factor=True)``, which truncates side *
+    scale in double precision (800 x 1066 here).
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"resize: image size must be positive, got {height}x{width}")
     if min_size <= 0 or max_size <= 0:
         raise ValueError(f"resize: min_size and max_size must be positive, got {min_size}, {max_size}")
     scale = min(min_size / min(height, width), max_size / max(height, width))
+    if rounding == "floor":
+        return max(1, int(height * scale)), max(1, int(width * scale))
+    if rounding != "round":
+        raise ValueError(f"resize: rounding must be 'round' or 'floor', got {rounding!r}")
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
@@ -96,8 +102,9 @@ def resize_boxes(boxes, from_size, to_size):
     return boxes * scale
 
 
-def resize(image, target, min_size, max_size):
-    """Resize ``image`` (H, W, C) keeping its aspect ratio, and its target with it.
+def resize(image, target, min_size, max_size, rounding="round"):
+    """Resize ``image`` (H, W, C) keeping its aspect ratio, and its target with it
+    (``rounding`` of the new sides as in ``resized_size``).
 
     Returns ``(image, target)``; ``target`` may be None (prediction).  Boxes are scaled by the
     exact ratio of new to old sides, masks resized by nearest neighbour (they stay 0/1).
@@ -105,7 +112,7 @@ def resize(image, target, min_size, max_size):
     if image.ndim != 3:
         raise ValueError(f"resize: expected an (H, W, C) image, got shape {tuple(image.shape)}")
     h, w = image.shape[:2]
-    size = resized_size(h, w, min_size, max_size)
+    size = resized_size(h, w, min_size, max_size, rounding)
     image = resize_image(image, size)
     if target is None:
         return image, None

@@ -69,6 +69,7 @@ class MaskRCNNConfig:
     frozen_bn_eps: float = 1e-5          # FrozenBatchNorm2d eps (both 1e-5; torchvision <= 0.5: 0)
     resize_rounding: str = "round"       # resized side: "round" (Detectron2) or "floor" (torchvision)
     paste_mode: str = "detectron2"       # mask pasting, ops/masks.py: "detectron2" | "torchvision"
+    labels_are_coco_ids: bool = False    # torchvision's COCO models: label = COCO category id (eval)
 
     # ---- the paper's ablations (Table 2) as switches -----------------------------------
     pooler_type: str = "roialign"        # "roialign" | "roipool" | "roiwarp"   (Table 2c)
@@ -173,7 +174,7 @@ def _torchvision_r50_fpn():
     from ..data.categories import coco_class_names
 
     return MaskRCNNConfig(class_names=coco_class_names(91), frozen_bn_eps=1e-5, resize_rounding="floor",
-                          paste_mode="torchvision")
+                          paste_mode="torchvision", labels_are_coco_ids=True)
 
 
 def _figures():

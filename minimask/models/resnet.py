@@ -22,20 +22,23 @@ Names (``conv1``, ``bn1``, ``layer1.0.downsample.0`` ...) are torchvision's, so 
 or COCO checkpoint maps onto ours key by key.
 """
 
+import functools
+
 from .. import functional as F
 from .. import nn
 
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}
 
 
-def _norm_layer(norm, frozen):
+def _norm_layer(norm, frozen, eps=1e-5):
     """The norm class: FrozenBatchNorm2d for a pretrained backbone, BatchNorm2d from scratch.
 
     A frozen stage always gets FrozenBatchNorm2d (as Detectron2's ``freeze()``): freezing a
     stage means its output must not change, and a BatchNorm2d in training mode would still
     normalise with batch statistics and update its running averages."""
     if norm == "frozen_bn" or frozen:
-        return nn.FrozenBatchNorm2d
+        # eps: cfg.frozen_bn_eps, that of the checkpoint being loaded (interop.py)
+        return functools.partial(nn.FrozenBatchNorm2d, eps=eps)
     if norm == "bn":
         return nn.BatchNorm2d
     raise ValueError(f"resnet: norm={norm!r} is not one of ['frozen_bn', 'bn']")
@@ -120,13 +123,14 @@ class ResNet(nn.Module):
         # Stage 1 is the stem, stages 2..5 are layer1..layer4 (C2..C5): stage s is frozen when
         # s <= freeze_at.
         self.conv1 = nn.Conv2d(3, w, 7, stride=2, padding=3, bias=False)
-        self.bn1 = _norm_layer(cfg.norm, cfg.freeze_at >= 1)(w)
+        eps = getattr(cfg, "frozen_bn_eps", 1e-5)
+        self.bn1 = _norm_layer(cfg.norm, cfg.freeze_at >= 1, eps)(w)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=1)
 
         in_channels = w
         self.out_channels = []
         for i, n_blocks in enumerate(DEPTHS[cfg.depth]):
-            norm = _norm_layer(cfg.norm, cfg.freeze_at >= i + 2)
+            norm = _norm_layer(cfg.norm, cfg.freeze_at >= i + 2, eps)
             width = w * 2 ** i
             blocks = []
             for j in range(n_blocks):

@@ -1,0 +1,207 @@
+"""Pretrained weights from torchvision: read a ``.pth``, rename, check, save as ``.npz``.
+
+torchvision publishes a COCO-trained ``maskrcnn_resnet50_fpn`` (box AP 37.9, mask AP 34.6 on
+val2017).  Its network is the paper's ResNet-50-FPN Mask R-CNN (Sec. 3, Fig. 4 right), with
+torchvision's settings where implementations differ (RoIAlign with ``aligned=False`` and two
+samples per bin side, frozen batch norms with eps 1e-5, shorter side 800 resized by flooring,
+masks pasted the torchvision way): the ``torchvision_r50_fpn`` preset has all of them, so the
+weights give the same detections here as there.
+
+Module names in ``minimask.models`` were chosen as torchvision's, so the conversion is a
+renaming of a few keys only.  Two naming schemes exist:
+
+- the published v1 checkpoint (``maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth``, written by
+  torchvision 0.3): ``rpn.head.conv.weight``, ``roi_heads.mask_head.mask_fcn1.weight``,
+  ``backbone.fpn.inner_blocks.0.weight``: these are exactly our names;
+- a current torchvision ``state_dict()``, where those layers became ``Conv2dNormActivation``
+  blocks: ``rpn.head.conv.0.0.weight``, ``roi_heads.mask_head.0.0.weight``,
+  ``backbone.fpn.inner_blocks.0.0.weight``.  They are renamed to the first scheme.
+
+``torch`` is needed only to unpickle the ``.pth``; the ``.npz`` written here, and everything
+after it, needs NumPy alone.
+
+    minimask convert-weights maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth coco_r50_fpn.npz
+    minimask predict --weights coco_r50_fpn.npz street.jpg
+    minimask eval --checkpoint coco_r50_fpn.npz --ann annotations/instances_val2017.json \\
+        --images val2017
+"""
+
+import os
+import re
+from collections import OrderedDict
+
+import numpy as np
+
+PRESET = "torchvision_r50_fpn"
+
+# Current torchvision name -> v1 (= minimask) name.  Each rule is (pattern, replacement).
+_RENAMES = [
+    (re.compile(r"^rpn\.head\.conv\.0\.0\.(weight|bias)$"), r"rpn.head.conv.\1"),
+    (re.compile(r"^roi_heads\.mask_head\.(\d+)\.0\.(weight|bias)$"),
+     lambda m: f"roi_heads.mask_head.mask_fcn{int(m.group(1)) + 1}.{m.group(2)}"),
+    (re.compile(r"^backbone\.fpn\.(inner_blocks|layer_blocks)\.(\d+)\.0\.(weight|bias)$"),
+     r"backbone.fpn.\1.\2.\3"),
+]
+
+# Bookkeeping tensors that carry no weights (BatchNorm2d's update counter).
+_IGNORED = re.compile(r"(^|\.)num_batches_tracked$")
+
+# Keys that only the "v2" model (Li et al. 2021 recipe: batch norm in the heads, a 4conv1fc box
+# head) has: a different network, which we say plainly rather than list 100 unmatched names.
+_V2_MARKERS = ("roi_heads.box_head.0.0.weight", "rpn.head.conv.1.0.weight",
+               "backbone.fpn.inner_blocks.0.1.weight")
+
+
+def minimask_name(key):
+    """The minimask name of a torchvision state-dict key (either naming scheme)."""
+    for pattern, replacement in _RENAMES:
+        if pattern.match(key):
+            return pattern.sub(replacement, key)
+    return key
+
+
+def read_pth(path):
+    """A torchvision checkpoint as ``{name: float32 NumPy array}`` (needs torch, only here).
+
+    Accepts a bare state dict or a dict holding one under ``"model"`` or ``"state_dict"``
+    (torchvision's reference training scripts save ``{"model": ..., "optimizer": ...}``).
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    try:
+        import torch
+    except ImportError:
+        raise ImportError(f"{path}: reading a PyTorch .pth file needs PyTorch, which is not installed. "
+                          "Install it (pip install torch), or convert on a machine that has it: the .npz "
+                          "that convert-weights writes needs only NumPy.") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # not a zip/pickle, truncated download, pickled code...
+        raise ValueError(f"{path}: not a readable PyTorch checkpoint ({type(e).__name__}: {e})") from None
+    return state_dict_to_numpy(obj, path)
+
+
+def state_dict_to_numpy(obj, source="state dict"):
+    """``{name: tensor or array}`` (possibly under "model"/"state_dict") -> ``{name: ndarray}``."""
+    if isinstance(obj, dict) and not any(hasattr(v, "shape") for v in obj.values()):
+        for key in ("model", "state_dict"):
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"{source}: expected a state dict (name -> tensor), got {type(obj).__name__}")
+    out = OrderedDict()
+    for name, value in obj.items():
+        if not hasattr(value, "shape"):
+            raise ValueError(f"{source}: entry {name!r} is a {type(value).__name__}, not a tensor")
+        if hasattr(value, "detach"):  # a torch tensor
+            value = value.detach().cpu().numpy()
+        out[str(name)] = np.asarray(value)
+    return out
+
+
+def convert_state_dict(state, source="state dict"):
+    """Rename a torchvision state dict to minimask's names; float tensors become float32.
+
+    Returns ``(converted, renamed)`` where ``renamed`` maps each new name to its original one
+    (so that errors can name the tensor as the user's file calls it).
+    """
+    hits = [k for k in _V2_MARKERS if k in state]
+    if hits:
+        raise ValueError(f"{source}: this is torchvision's maskrcnn_resnet50_fpn_v2 (it has {hits[0]}), a "
+                         "different network (batch norm in the heads, 4conv1fc box head); only the v1 "
+                         "model, maskrcnn_resnet50_fpn, maps onto minimask's torchvision_r50_fpn")
+    converted, origin = OrderedDict(), {}
+    for key, value in state.items():
+        if _IGNORED.search(key):
+            continue
+        name = minimask_name(key)
+        if name in converted:
+            raise ValueError(f"{source}: both {origin[name]!r} and {key!r} map to {name!r} (a mix of the two "
+                             "naming schemes?)")
+        value = np.asarray(value)
+        if value.dtype.kind == "f":
+            value = value.astype(np.float32)
+        converted[name] = value
+        origin[name] = key
+    return converted, origin
+
+
+def check_weights(model, state, origin=None, source="weights"):
+    """Every tensor of ``state`` must find its place in ``model``, and every place must be
+    filled, with the same shape.  Raises ValueError naming each problem, else returns None."""
+    origin = origin or {}
+    entries = model.state_dict()
+    unused = [k for k in state if k not in entries]
+    missing = [k for k in entries if k not in state]
+    wrong = [f"{origin.get(k, k)}: file {tuple(np.shape(state[k]))}, model {tuple(entries[k].shape)}"
+             for k in state if k in entries and tuple(np.shape(state[k])) != tuple(entries[k].shape)]
+    problems = []
+    if unused:
+        names = [origin.get(k, k) + (f" (as {k})" if origin.get(k, k) != k else "") for k in unused]
+        problems.append(f"{len(unused)} tensors of the file found no place in the model: {', '.join(names)}")
+    if missing:
+        problems.append(f"{len(missing)} model tensors are missing from the file: {', '.join(missing)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors have the wrong shape: {'; '.join(wrong)}")
+    if problems:
+        raise ValueError(f"{source}: does not fit the model:\n  " + "\n  ".join(problems))
+
+
+def load_weights(model, state, origin=None, source="weights"):
+    """Check (``check_weights``) and copy ``state`` into ``model``; returns the model."""
+    check_weights(model, state, origin, source)
+    model.load_state_dict(state)
+    return model
+
+
+def convert_weights(pth_path, npz_path, config=None):
+    """``.pth`` -> minimask checkpoint ``.npz`` (weights + the config to rebuild the model).
+
+    The weights are loaded into a model of ``config`` (default: the torchvision_r50_fpn preset)
+    first, so that a file that does not fit fails here, naming the tensors, not later.  The
+    result is an ordinary minimask checkpoint: ``minimask predict --weights`` or
+    ``--checkpoint``, and ``minimask eval --checkpoint``, read it.  Returns a summary dict.
+    """
+    from .engine.checkpoint import save_checkpoint
+    from .models import MaskRCNN, preset
+
+    config = config or preset(PRESET)
+    state, origin = convert_state_dict(read_pth(pth_path), source=os.fspath(pth_path))
+    model = load_weights(MaskRCNN(config), state, origin, source=os.fspath(pth_path))
+    renamed = sum(1 for k, v in origin.items() if k != v)
+    save_checkpoint(npz_path, model, config=config,
+                    extra={"converted_from": os.path.basename(os.fspath(pth_path)), "renamed_keys": renamed})
+    return {"tensors": len(state), "renamed": renamed, "path": os.fspath(npz_path)}
+
+
+def load_weights_file(path, config=None):
+    """A model built and loaded from a weights ``.npz``: a minimask checkpoint (its config is
+    used unless ``config`` is given) or a bare ``name -> array`` file in either torchvision
+    naming (built with ``config`` or the torchvision_r50_fpn preset)."""
+    from .engine.checkpoint import load_checkpoint
+    from .models import MaskRCNN, preset
+    from .nn import load_npz
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"weights file not found: {path}")
+    if path.endswith((".pth", ".pt")):
+        raise ValueError(f"{path}: a PyTorch file; convert it first: minimask convert-weights {path} OUT.npz")
+    try:
+        arrays = load_npz(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .npz weights file ({type(e).__name__}: {e})") from None
+    if "meta" in arrays:
+        ckpt = load_checkpoint(path)
+        state, origin = ckpt["model"], None
+        config = config or ckpt["config"] or preset(PRESET)
+    else:
+        state, origin = convert_state_dict(arrays, source=path)
+        config = config or preset(PRESET)
+    return load_weights(MaskRCNN(config), state, origin, source=path)
+
+
+__all__ = ["read_pth", "convert_state_dict", "state_dict_to_numpy", "check_weights", "load_weights",
+           "convert_weights", "load_weights_file", "minimask_name", "PRESET"]
