@@ -125,7 +125,8 @@ class Tensor:
                 raise RuntimeError(f"backward() without a gradient needs a scalar, got shape {self.shape}")
             grad = xp.ones_like(self.data)
         else:
-            grad = _as_array(grad, self.dtype)
+            # on this tensor's device: a NumPy gradient for a CuPy tensor is copied over
+            grad = to_device(_as_array(grad, self.dtype), self.device)
             if grad.shape != self.shape:
                 raise ValueError(f"gradient of shape {grad.shape} for a tensor of shape {self.shape}")
         if self.creator is None:  # a leaf: nothing to propagate
@@ -146,7 +147,8 @@ class Tensor:
                 gys.append(None if out is None else grads.pop(id(out), (None, None))[1])
             if all(g is None for g in gys):
                 continue  # this branch does not reach the loss
-            gys = [xp.zeros(shape, dtype) if g is None else g for g, (shape, dtype) in zip(gys, f.output_meta)]
+            gys = [xp.zeros(shape, dtype) if g is None else g
+                   for g, (shape, dtype) in zip(gys, f.output_meta)]
             gxs = f.backward(*gys)
             if not isinstance(gxs, tuple):
                 gxs = (gxs,)

@@ -101,7 +101,7 @@ class Report:
         theirs_s = f"{theirs:10.2f}" if theirs is not None else f"{'-':>10s}"
         ratio_s = f"{ratio:7.2f}" if ratio is not None else f"{'-':>7s}"
         target_s = f"<= {target:g}x {verdict}" if verdict else ""
-        print(f"{name:44s} {ours:10.2f} {theirs_s} {unit:3s} {ratio_s}  {target_s} {note}".rstrip())
+        print(f"{name:50s} {ours:10.2f} {theirs_s} {unit:3s} {ratio_s}  {target_s} {note}".rstrip())
         sys.stdout.flush()
         return row
 
@@ -210,15 +210,18 @@ def _kernels(report, device, measure, sync_ours, torch, tv, size, repeat):
         report.add(f"NMS {count} boxes IoU 0.5", t_ours, t_torch, note=note)
 
 
-def _model(report, device, measure, sync_ours, torch, tv, size, repeat, results):
+def _model(report, device, measure, sync_ours, torch, tv, size, repeat, results, config="r50_fpn"):
     from ..models import MaskRCNN, preset
     from ..optim import SGD, param_groups_no_decay
     from . import torch_side
     from .memory import _synthetic_batch
 
-    cfg = dataclasses.replace(preset("r50_fpn"), min_size=(min(size),), max_size=max(size))
+    cfg = dataclasses.replace(preset(config), min_size=(min(size),), max_size=max(size))
     ours = MaskRCNN(cfg)
     theirs = None
+    if tv is not None and config != "r50_fpn":
+        print(f"no torchvision model for --config {config} (only r50_fpn has a torchvision twin)")
+        tv = None
     if tv is not None:
         torch.manual_seed(0)
         theirs = torch_side.build_maskrcnn(torch, tv, cfg.num_classes, min(size), max(size))
@@ -229,7 +232,7 @@ def _model(report, device, measure, sync_ours, torch, tv, size, repeat, results)
               + ("" if same else f" (BUT {len(missing)} missing, {len(unexpected)} unexpected names)"))
         theirs.to(torch_side.torch_device(device))
     ours.to(device)
-    images, targets = _synthetic_batch(2, *size)
+    images, targets = _synthetic_batch(2, *size, num_classes=cfg.num_classes)
     d_images = [to_device(im, device) for im in images]
     d_targets = [{k: to_device(v, device) for k, v in t.items()} for t in targets]
     if theirs is not None:
@@ -269,9 +272,9 @@ def _model(report, device, measure, sync_ours, torch, tv, size, repeat, results)
         mem_torch = torch_side.peak_memory(torch, device)[1]
         note += f" vs {len(infer()[0]['boxes'])}"
     note += ")"
-    row = report.add(f"r50_fpn inference, one {h}x{w} image", t_ours, t_torch, target=2.0, note=note)
+    row = report.add(f"{config} inference, one {h}x{w} image", t_ours, t_torch, target=2.0, note=note)
     row["under_100_ms"] = t_ours < 100
-    print(f"{'':44s} minimask {'under' if t_ours < 100 else 'OVER'} 100 ms per image "
+    print(f"{'':50s} minimask {'under' if t_ours < 100 else 'OVER'} 100 ms per image "
           f"(the paper: 195 ms on a Tesla M40)")
     if mem_ours is not None:
         report.add("peak memory, inference", mem_ours / GB, mem_torch / GB if mem_torch else None, unit="GB",
@@ -308,13 +311,17 @@ def _model(report, device, measure, sync_ours, torch, tv, size, repeat, results)
         mem_torch = torch_side.peak_memory(torch, device)[1]
         note += f" vs {float(last[-1]):.3f}"
     note += ")"
-    report.add("r50_fpn training step, 2 images", t_ours, t_torch, target=3.0, note=note)
+    report.add(f"{config} training step, 2 images", t_ours, t_torch, target=3.0, note=note)
     if mem_ours is not None:
         report.add("peak memory, training step", mem_ours / GB, mem_torch / GB if mem_torch else None,
                    unit="GB", note="(CuPy pool total vs torch max reserved)")
 
 
-def main(device="gpu", repeat=5, tf32=False, size=(800, 1333), json_path=None, parts=("kernels", "model")):
+def main(device="gpu", repeat=5, tf32=False, size=(800, 1333), json_path=None, parts=("kernels", "model"),
+         config="r50_fpn"):
+    """Run the comparison and print it; return the results (also written to ``json_path``).
+    ``config`` other than r50_fpn (e.g. "shapes", for a quick check of the plumbing) has no
+    torchvision twin: only minimask's numbers are printed for it."""
     if device == "gpu":
         if tf32 and os.environ.get("CUPY_TF32") != "1":
             if "cupy" in sys.modules:
@@ -342,15 +349,15 @@ def main(device="gpu", repeat=5, tf32=False, size=(800, 1333), json_path=None, p
         print(f"torch {torch.__version__}, torchvision {tv.__version__}, same device, same process")
     else:
         print(f"no PyTorch side: {problem}")
-    print(f"{'':44s} {'minimask':>10s} {'torch':>10s}     {'ratio':>7s}")
+    print(f"{'':50s} {'minimask':>10s} {'torch':>10s}     {'ratio':>7s}")
     report = Report()
-    results = dict(device=where, tf32=bool(tf32), repeat=repeat, size=list(size))
+    results = dict(device=where, tf32=bool(tf32), repeat=repeat, size=list(size), config=config)
     measure = _timer(sync_ours, repeat)
     if "kernels" in parts:
         _kernels(report, device, measure, sync_ours, torch, tv, size, repeat)
     if "model" in parts:
         _model(report, device, _timer(sync_ours, repeat, warmup=2), sync_ours, torch, tv, size, repeat,
-               results)
+               results, config)
     results["rows"] = report.rows
     if json_path:
         with open(json_path, "w") as f:

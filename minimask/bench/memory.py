@@ -99,8 +99,9 @@ def column_sizes(kind, x_shape, w_shape, g, itemsize=4, device="gpu"):
     return full, chunk
 
 
-def _synthetic_batch(n, height, width, seed=0):
-    """n noise images with three rectangles each (boxes, labels, masks): a valid training batch."""
+def _synthetic_batch(n, height, width, seed=0, num_classes=81):
+    """n noise images with three rectangles each (boxes, labels in 1..num_classes - 1, masks):
+    a valid training batch."""
     rng = np.random.default_rng(seed)
     images, targets = [], []
     for _ in range(n):
@@ -113,7 +114,7 @@ def _synthetic_batch(n, height, width, seed=0):
             m[y0:y0 + h, x0:x0 + w] = 1
             boxes.append([x0, y0, x0 + w, y0 + h])
             masks.append(m)
-        targets.append(dict(boxes=np.array(boxes, np.float32), labels=rng.integers(1, 81, 3),
+        targets.append(dict(boxes=np.array(boxes, np.float32), labels=rng.integers(1, num_classes, 3),
                             masks=np.stack(masks)))
     return images, targets
 
@@ -125,7 +126,7 @@ def estimate(batch=2, size=(800, 1333), config="r50_fpn", budget=16 * GB):
     cfg = preset(config)
     model = MaskRCNN(cfg)
     model.train()
-    images, targets = _synthetic_batch(batch, *size)
+    images, targets = _synthetic_batch(batch, *size, num_classes=cfg.num_classes)
     record = []
     with _recording_convs(record):
         losses = model(images, targets)
