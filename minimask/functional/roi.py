@@ -53,10 +53,13 @@ def _check(x, rois, name):
                          f"got shape {rois.shape}")
     if len(rois):
         b = rois[:, 0]
-        if bool((b != xp.floor(b)).any()) or bool((b < 0).any()) or bool((b >= x.shape[0]).any()):
-            raise ValueError(f"{name}: rois[:, 0] must be batch indices in 0..{x.shape[0] - 1}, "
-                             f"got values from {float(b.min())} to {float(b.max())}")
-        if not bool(xp.isfinite(rois).all()):
+        bad_index = (b != xp.floor(b)) | (b < 0) | (b >= x.shape[0])
+        # One device-to-host read for both checks (on the GPU each bool() waits for the device);
+        # the details are worked out only when something is wrong.
+        if bool(bad_index.any() | ~xp.isfinite(rois).all()):
+            if bool(bad_index.any()):
+                raise ValueError(f"{name}: rois[:, 0] must be batch indices in 0..{x.shape[0] - 1}, "
+                                 f"got values from {float(b.min())} to {float(b.max())}")
             raise ValueError(f"{name}: rois contain NaN or infinity")
     return xp.ascontiguousarray(rois)
 
