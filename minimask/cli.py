@@ -101,9 +101,10 @@ def _eval(args, parser):
 
     dataset = CocoDataset(args.ann, args.images, train=False)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
-    if getattr(predictor.model.cfg, "labels_are_coco_ids", False):
+    cfg = getattr(predictor.model, "cfg", None)  # any model with predict() can be evaluated
+    if getattr(cfg, "labels_are_coco_ids", False):
         # torchvision's COCO models predict the category id itself (91 outputs), not 1..80.
-        dataset.label_to_cat_id = {i: i for i in range(1, predictor.model.cfg.num_classes)}
+        dataset.label_to_cat_id = {i: i for i in range(1, cfg.num_classes)}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
     metrics = evaluate(predictor.model, dataset, out_dir=out, batch_size=args.batch_size, progress=True)
