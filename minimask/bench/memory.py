@@ -19,6 +19,7 @@ two per GPU.  800x1333 pads to 800x1344 (a multiple of 32).
 """
 
 import contextlib
+import dataclasses
 
 import numpy as np
 
@@ -123,7 +124,8 @@ def estimate(batch=2, size=(800, 1333), config="r50_fpn", budget=16 * GB):
     """Run the shape-only step and return a dict of the numbers printed by ``main``."""
     from ..models import MaskRCNN, preset
 
-    cfg = preset(config)
+    # Images of ``size`` are taken as they are (800x1333 is the paper's resized size already).
+    cfg = dataclasses.replace(preset(config), min_size=(min(size),), max_size=max(size))
     model = MaskRCNN(cfg)
     model.train()
     images, targets = _synthetic_batch(batch, *size, num_classes=cfg.num_classes)
