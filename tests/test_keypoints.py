@@ -327,3 +327,11 @@ def test_keypoint_model_trains_and_predicts():
     # only detections of the keypoint class get keypoints
     assert (out["keypoints"][out["labels"] != 1] == 0).all()
     assert (out["keypoints"][out["labels"] == 1, :, 2] == 1).all()
+
+
+def test_results_of_an_image_without_detections():
+    from minimask.engine.evaluator import to_coco_results
+
+    empty = {"boxes": np.zeros((0, 4)), "labels": np.zeros((0,), np.int64), "scores": np.zeros((0,)),
+             "keypoints": np.zeros((0, len(KEYPOINT_NAMES), 3))}
+    assert to_coco_results(empty, 1, {1: 1}, keypoint_labels={1}) == []

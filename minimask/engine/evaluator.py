@@ -72,7 +72,7 @@ def to_coco_results(prediction, image_id, label_to_cat_id, keypoint_labels=None)
     rles = encode_masks(to_device(masks, "cpu")) if masks is not None else [None] * len(boxes)
     keypoints = prediction.get("keypoints")
     if keypoints is not None:
-        keypoints = np.asarray(to_device(keypoints, "cpu"), dtype=np.float64).reshape(len(boxes), -1, 3)
+        keypoints = np.asarray(to_device(keypoints, "cpu"), dtype=np.float64)  # (N, J, 3)
     if not len(boxes) == len(scores) == len(labels) == len(rles):
         raise ValueError(f"image {image_id}: prediction has {len(boxes)} boxes, {len(scores)} scores, "
                          f"{len(labels)} labels and {len(rles)} masks; they must match")
