@@ -17,7 +17,7 @@ not exist).  This module fills the gap, for the tests only (never imported by ``
    load ``_C.so`` succeed as a no-op (the operators are already there), so that torchvision
    takes the same code paths it takes with its real extension.
 
-    from tests.tv_shim import import_torchvision
+    from tv_shim import import_torchvision   # tests/ is on sys.path under pytest
     torchvision = import_torchvision()      # raises ImportError (with the reason) if impossible
 
 Being a second, independent implementation of the two kernels, it is also an oracle for ours
