@@ -85,7 +85,8 @@ def test_same_seed_same_files(tmp_path):
     c = make_split(str(tmp_path / "c"), "val", 4, seed=10)
     assert open(a).read() == open(b).read() != open(c).read()
     for name in os.listdir(tmp_path / "a" / "images"):
-        assert (tmp_path / "a" / "images" / name).read_bytes() == (tmp_path / "b" / "images" / name).read_bytes()
+        first, second = tmp_path / "a" / "images" / name, tmp_path / "b" / "images" / name
+        assert first.read_bytes() == second.read_bytes()
 
 
 def test_reads_as_a_keypoint_data_set(split):
