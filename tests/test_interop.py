@@ -459,3 +459,33 @@ def test_predict_with_converted_weights_names_coco_classes(pair, tmp_path):
     assert (out / "scene.png").exists()
     with pytest.raises(SystemExit):  # exactly one of --weights and --checkpoint
         main(["predict", str(path)])
+
+
+def test_eval_keeps_coco_ids_as_labels_for_torchvision_models(tmp_path):
+    """``labels_are_coco_ids`` (the torchvision preset): eval writes the label itself as the
+    category id, not the data set's k-th category."""
+    from minimask.data.shapes import make_shapes
+    from minimask.engine.checkpoint import save_checkpoint
+    from minimask.engine.predictor import load_image
+
+    _, val_json = make_shapes(tmp_path / "data", train=1, val=2)
+    data = json.loads(open(val_json).read())
+    new_id = {1: 1, 2: 5, 3: 7}  # non-contiguous ids: label k is no longer the k-th category
+    for c in data["categories"]:
+        c["id"] = new_id[c["id"]]
+    for a in data["annotations"]:
+        a["category_id"] = new_id[a["category_id"]]
+    with open(val_json, "w") as f:
+        json.dump(data, f)
+    cfg = dataclasses.replace(preset("shapes"), labels_are_coco_ids=True, box_score_thresh=0.0,
+                              num_classes=8)
+    model = MaskRCNN(cfg)
+    checkpoint = save_checkpoint(tmp_path / "m.npz", model, config=cfg)
+    out = tmp_path / "eval"
+    assert main(["eval", "--checkpoint", str(checkpoint), "--ann", str(val_json), "--out", str(out)]) == 0
+    found = {r["category_id"] for r in json.loads((out / "detections.json").read_text())}
+    images = [load_image(tmp_path / "data" / "images" / im["file_name"]) for im in data["images"]]
+    labels = {int(k) for p in model.predict(images) for k in p["labels"]}
+    # Every label is written as it is, also those of no category here (COCOeval skips them); the
+    # data set's own mapping (1, 2, 3 -> 1, 5, 7) would have refused labels above 3.
+    assert found == labels and max(found) > 3
