@@ -2,7 +2,9 @@
 
 The notebooks in lessons/ are the source of truth (edit them in Jupyter if you like).  For editing
 in a text editor, or reviewing a diff, a notebook converts to the "percent" format and back:
-``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell whose lines are plain markdown.
+``# %%`` starts a code cell, ``# %% [markdown]`` a markdown cell whose lines are markdown
+commented out with ``# `` (as jupytext writes them, so the file stays valid Python); the
+comment marks are removed on import and added on export.
 
     python lessons/_build.py export 02 > /tmp/02_convolution.py    # notebook -> text (no outputs)
     python lessons/_build.py import /tmp/02_convolution.py --run   # text -> lessons/02_convolution.ipynb
@@ -41,18 +43,30 @@ def parse_percent(text):
         if line.startswith("# %%"):
             flush()
             kind, lines = ("markdown" if "[markdown]" in line else "code"), []
+        elif kind == "markdown":
+            lines.append(uncomment(line))
         else:
             lines.append(line)
     flush()
     return cells
 
 
+def uncomment(line):
+    """A markdown line of the percent format without its ``# `` (a bare ``#`` is an empty line)."""
+    if line.startswith("# "):
+        return line[2:]
+    return "" if line == "#" else line
+
+
 def to_percent(nb):
     """The percent-format text of a notebook's cells (outputs dropped)."""
     parts = []
     for cell in nb.cells:
-        marker = "# %% [markdown]" if cell.cell_type == "markdown" else "# %%"
-        parts.append(f"{marker}\n{cell.source}\n")
+        if cell.cell_type == "markdown":
+            body = "\n".join(("# " + line) if line else "#" for line in cell.source.splitlines())
+            parts.append(f"# %% [markdown]\n{body}\n")
+        else:
+            parts.append(f"# %%\n{cell.source}\n")
     return "\n".join(parts)
 
 

@@ -105,5 +105,6 @@ def gradcheck(fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-4, directions=None, seed=
                 if abs(a - numeric) > atol + rtol * abs(numeric):
                     raise AssertionError(
                         f"gradcheck: input {idx} {x.shape}: along random direction {k}: "
-                        f"backward {a:.8g} vs finite difference {numeric:.8g} (|diff| {abs(a - numeric):.3g})")
+                        f"backward {a:.8g} vs finite difference {numeric:.8g} "
+                        f"(|diff| {abs(a - numeric):.3g})")
     return True

@@ -6,6 +6,19 @@ import pytest
 from minimask.backend import gpu_available
 
 
+def pytest_configure(config):
+    # torchvision's compiled ops do not load against the CPU torch these machines hold, and a
+    # plain ``import torchvision`` caches "no ops" for the whole session.  tests/tv_shim.py
+    # stands in for those ops; importing torchvision through it here, before any test module
+    # can import it plainly, makes every test see the same working torchvision.
+    try:
+        from tv_shim import import_torchvision
+
+        import_torchvision()
+    except ImportError:
+        pass  # the tests that need torchvision skip, saying why (the ``torchvision`` fixture)
+
+
 def pytest_collection_modifyitems(config, items):
     if gpu_available():
         return
@@ -19,3 +32,14 @@ def pytest_collection_modifyitems(config, items):
 def rng():
     """A seeded generator, so that a failure can be reproduced."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture(scope="session")
+def torchvision():
+    """torchvision with tests/tv_shim.py's CPU operators; the test skips with the reason if absent."""
+    from tv_shim import import_torchvision
+
+    try:
+        return import_torchvision()
+    except ImportError as e:
+        pytest.skip(f"torchvision unavailable: {e}")

@@ -61,8 +61,7 @@ def test_box_iou_empty_and_bad_shape():
         box_iou(np.zeros((2, 5)), np.zeros((2, 4)))
 
 
-def test_box_iou_matches_torchvision(rng):
-    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+def test_box_iou_matches_torchvision(rng, torchvision):
     torch = pytest.importorskip("torch", reason="torch is not installed")
     a, b = random_boxes(rng, 20), random_boxes(rng, 30)
     expected = torchvision.ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()

@@ -36,6 +36,18 @@ def test_lessons_exist():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
+def test_markdown_is_markdown(path):
+    """Markdown cells hold plain markdown: the percent format's ``# `` comment marks would make
+    Jupyter show every line as a heading (lessons/_build.py removes them on import)."""
+    nbformat = pytest.importorskip("nbformat", reason="reading the lessons needs nbformat")
+    for i, cell in enumerate(nbformat.read(path, as_version=4).cells):
+        lines = [line for line in cell.source.splitlines() if line.strip()]
+        if cell.cell_type == "markdown" and len(lines) > 1:
+            assert not all(line.startswith("# ") or line == "#" for line in lines), \
+                f"{path.name}, cell {i}: every line starts with '# ' (percent-format comments left in)"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=[p.stem for p in NOTEBOOKS])
 def test_lesson_runs(path, monkeypatch):
     nbformat, nbclient = _requirements()
     nb = nbformat.read(path, as_version=4)

@@ -133,8 +133,7 @@ def test_batched_nms_by_hand():
     assert empty.shape == (0,) and empty.dtype == np.int64
 
 
-def test_nms_matches_torchvision(rng):
-    torchvision = pytest.importorskip("torchvision", reason="torchvision is not installed")
+def test_nms_matches_torchvision(rng, torchvision):
     torch = pytest.importorskip("torch", reason="torch is not installed")
     xy = rng.uniform(0, 300, (500, 2))
     boxes = np.concatenate([xy, xy + rng.uniform(5, 80, (500, 2))], axis=1)

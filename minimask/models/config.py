@@ -126,11 +126,13 @@ def check(cfg):
         if getattr(cfg, name) not in valid:
             raise ValueError(f"config: {name}={getattr(cfg, name)!r} is not one of {list(valid)}")
     if cfg.num_classes < 2:
-        raise ValueError(f"config: num_classes={cfg.num_classes} must count background and at least one class")
+        raise ValueError(f"config: num_classes={cfg.num_classes} must count background and at least "
+                         f"one class")
     if not 0 <= cfg.freeze_at <= 5:
         raise ValueError(f"config: freeze_at={cfg.freeze_at} must be in 0..5")
     if len(cfg.anchor_sizes) != 5:
-        raise ValueError(f"config: anchor_sizes needs one entry per level P2..P6, got {len(cfg.anchor_sizes)}")
+        raise ValueError(f"config: anchor_sizes needs one entry per level P2..P6, "
+                         f"got {len(cfg.anchor_sizes)}")
     if cfg.keypoint_on:
         if cfg.num_keypoints < 1:
             raise ValueError(f"config: num_keypoints={cfg.num_keypoints} must be at least 1")

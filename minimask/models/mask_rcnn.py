@@ -105,7 +105,8 @@ class MaskRCNN(nn.Module):
                 image = image.astype(xp.float32) / 255.0
             else:
                 image = image.astype(xp.float32)  # floats are taken to be in [0, 1] already
-            target = None if targets is None else self._target_on_device(targets[i], image.shape[:2], i, device)
+            target = (None if targets is None
+                      else self._target_on_device(targets[i], image.shape[:2], i, device))
             # Bilinear resizing is linear with weights summing to one, so it commutes with the
             # per-channel affine normalization: resize first, then normalize into CHW.
             image, target = resize(image, target, min_size, cfg.max_size, cfg.resize_rounding)
