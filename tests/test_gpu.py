@@ -412,10 +412,15 @@ def test_memory_estimate_fits_16_gb_and_chunks_columns(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_gpu_plumbing_on_the_cpu(tmp_path):
+def test_bench_gpu_plumbing_on_the_cpu(tmp_path, monkeypatch):
     """``bench gpu`` end to end on the CPU at a small size, the model part with the small
-    ``shapes`` model (the r50_fpn run, beside torchvision, is for the GPU)."""
+    ``shapes`` model (the r50_fpn run, beside torchvision, is for the GPU).  The torchvision side
+    is switched off: on this CPU build its operators are tests/tv_shim.py's stand-ins, which have
+    no backward, and timing them would mean nothing."""
+    from minimask.bench import torch_side
     from minimask.bench.gpu import main
+
+    monkeypatch.setattr(torch_side, "load", lambda device, tf32=False: (None, None, "off in this CPU test"))
 
     path = tmp_path / "bench.json"
     results = main(device="cpu", repeat=1, size=(64, 96), json_path=str(path), parts=("kernels", "model"),
