@@ -1,11 +1,14 @@
 """Keypoint R-CNN (paper Sec. 5): targets, loss, head gradients, decoding, flips, OKS, model size."""
 
 import dataclasses
+import json
+import os
 
 import numpy as np
 import pytest
 
 from minimask import Tensor, gradcheck, nn
+from minimask.data import CocoDataset
 from minimask.data.figures import KEYPOINT_NAMES, make_split
 from minimask.data.transforms import hflip
 from minimask.models import MaskRCNN, preset
@@ -335,3 +338,30 @@ def test_results_of_an_image_without_detections():
     empty = {"boxes": np.zeros((0, 4)), "labels": np.zeros((0,), np.int64), "scores": np.zeros((0,)),
              "keypoints": np.zeros((0, len(KEYPOINT_NAMES), 3))}
     assert to_coco_results(empty, 1, {1: 1}, keypoint_labels={1}) == []
+
+
+def test_keypoints_without_sigmas_are_a_clear_error(figures_val, tmp_path):
+    """A keypoint category with other than COCO's 17 joints and no ``keypoint_sigmas`` cannot be
+    scored by OKS: evaluate names the file and what is missing (not a shape error in pycocotools)."""
+    from minimask.engine.evaluator import evaluate
+    from minimask.nn import Module
+
+    data = json.loads(open(figures_val.ann_file).read())
+    for cat in data["categories"]:
+        cat.pop("keypoint_sigmas", None)
+    ann = tmp_path / "no_sigmas.json"
+    ann.write_text(json.dumps(data))
+    ds = CocoDataset(str(ann), os.path.dirname(figures_val.ann_file) + "/images", train=False)
+    assert ds.keypoint_sigmas is None
+
+    _, first = ds[0]
+
+    class Fixed(Module):  # predicts image 0's objects, keypoints included, on every image
+        def predict(self, images):
+            return [{"boxes": first["boxes"], "labels": first["labels"],
+                     "scores": np.ones(len(first["boxes"])), "keypoints": first["keypoints"]}
+                    for _ in images]
+
+    with pytest.raises(ValueError, match=r"no_sigmas\.json: the keypoint category has 11 keypoints but no "
+                                         r"'keypoint_sigmas'"):
+        evaluate(Fixed(), ds, log=lambda *a: None)

@@ -194,6 +194,13 @@ def evaluate(model, dataset, out_dir=None, batch_size=2, log=print, progress=Fal
     if has_masks:
         metrics["segm"] = coco_eval(dataset.coco, results, "segm", log=log)
     if any("keypoints" in r for r in results):
+        names = getattr(dataset, "keypoint_names", None) or ()
+        if dataset.keypoint_sigmas is None and len(names) != 17:
+            # COCOeval falls back to COCO's 17 person sigmas and fails deep inside on a shape
+            # mismatch; say what is missing instead.
+            raise ValueError(f"{dataset.ann_file}: the keypoint category has {len(names)} keypoints "
+                             f"but no 'keypoint_sigmas' (one OKS falloff per keypoint); COCO's "
+                             f"sigmas only fit its 17 person keypoints")
         metrics["keypoints"] = coco_eval(dataset.coco, results, "keypoints", log=log,
                                          sigmas=dataset.keypoint_sigmas, cat_ids=dataset.keypoint_cat_ids)
     if out_dir is not None:
