@@ -32,31 +32,19 @@ PyTorch side lives in ``torch_side.py`` and is skipped, with the reason, when it
 import dataclasses
 import json
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 
 from ..backend import gpu_name, require_gpu, to_device
+from .kernels import _median_ms
 
 GB = 2**30
 
 
 def _timer(sync, repeat, warmup=1):
-    def measure(step):
-        for _ in range(warmup):
-            step()
-        sync()
-        times = []
-        for _ in range(repeat):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            times.append(time.perf_counter() - t0)
-        return 1e3 * statistics.median(times)
-
-    return measure
+    """``measure(step)``: the median ms of ``step`` over ``repeat`` runs (bench kernels' timer)."""
+    return lambda step: _median_ms(step, repeat, sync, warmup)
 
 
 def padded(size, divisor=32):

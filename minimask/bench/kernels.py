@@ -24,8 +24,9 @@ from ..kernels.roi_align import roi_align_backward, roi_align_forward
 from ..kernels.roi_pool import roi_pool_backward, roi_pool_forward
 
 
-def _median_ms(step, repeat, sync):
-    step()  # warm-up: Numba compilation or cache load, CUDA kernel compilation
+def _median_ms(step, repeat, sync, warmup=1):
+    for _ in range(warmup):  # warm-up: Numba compilation or cache load, CUDA kernel compilation
+        step()
     sync()
     times = []
     for _ in range(repeat):

@@ -27,19 +27,15 @@ files byte for byte.
     minimask data figures --out data/figures --train 1500 --val 200 --seed 0 --size 128
 """
 
-import json
 import math
-import os
 
 import numpy as np
 import pycocotools.mask as mask_utils
-from PIL import Image
 
 from .shapes import CLASSES as SHAPE_CLASSES
-from .shapes import _background, _contrasting_colour, _polygon, _rasterize
+from .shapes import _background, _contrasting_colour, _polygon, _rasterize, write_split
 
 CLASSES = ("figure",) + SHAPE_CLASSES
-SPLITS = {"train": 0, "val": 1}
 
 KEYPOINT_NAMES = ("head", "neck", "left_elbow", "right_elbow", "left_hand", "right_hand", "hip",
                   "left_knee", "right_knee", "left_foot", "right_foot")
@@ -239,32 +235,12 @@ def categories():
 
 def make_split(out_dir, split, count, seed=0, size=128):
     """Write ``count`` images to ``out_dir/images/`` and ``out_dir/{split}.json``; return the path."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}: expected one of {list(SPLITS)}")
-    if count < 0:
-        raise ValueError(f"{split}: image count must be >= 0, got {count}")
     if size < 64:
         raise ValueError(f"image size {size} is too small for figures; use 64 or more")
-    image_dir = os.path.join(out_dir, "images")
-    os.makedirs(image_dir, exist_ok=True)
-    images, annotations = [], []
-    for i in range(count):
-        rng = np.random.default_rng([seed, SPLITS[split], i, 7])  # 7: not the shapes' images
-        image, objects = make_image(rng, size)
-        image_id = i + 1
-        file_name = f"{split}_{i:06d}.png"
-        Image.fromarray(image).save(os.path.join(image_dir, file_name), compress_level=1)
-        images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
-        for obj in objects:
-            annotations.append(annotate(obj, image_id, len(annotations) + 1, size))
-    data = {
-        "info": {"description": f"minimask synthetic stick figures, split {split}, seed {seed}, size {size}"},
-        "images": images, "annotations": annotations, "categories": categories(),
-    }
-    path = os.path.join(out_dir, f"{split}.json")
-    with open(path, "w") as f:
-        json.dump(data, f)
-    return path
+    return write_split(out_dir, split, count, seed, size, make_image,
+                       lambda obj, image_id, ann_id: annotate(obj, image_id, ann_id, size),
+                       categories(), "minimask synthetic stick figures",
+                       salt=(7,))  # 7: not the shapes' images
 
 
 def make_figures(out_dir, train=1500, val=200, seed=0, size=128):

@@ -194,36 +194,41 @@ def annotate(obj, image_id, ann_id):
     }
 
 
-def make_split(out_dir, split, count, seed=0, size=128):
-    """Write ``count`` images to ``out_dir/images/`` and ``out_dir/{split}.json``; return the path."""
+def write_split(out_dir, split, count, seed, size, draw, annotate, categories, description, salt=()):
+    """Draw ``count`` images with ``draw(rng, size) -> (image, objects)``, save them as PNGs in
+    ``out_dir/images/`` and their annotations (``annotate(obj, image_id, ann_id)``) with
+    ``categories`` in ``out_dir/{split}.json``; return the JSON's path.  Image i's generator is
+    seeded by ``(seed, split, i, *salt)``, so any image can be redrawn alone."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}: expected one of {list(SPLITS)}")
     if count < 0:
         raise ValueError(f"{split}: image count must be >= 0, got {count}")
-    if size < 32:
-        raise ValueError(f"image size {size} is too small for shapes; use 32 or more")
     image_dir = os.path.join(out_dir, "images")
     os.makedirs(image_dir, exist_ok=True)
     images, annotations = [], []
     for i in range(count):
-        rng = np.random.default_rng([seed, SPLITS[split], i])
-        image, objects = make_image(rng, size)
+        image, objects = draw(np.random.default_rng([seed, SPLITS[split], i, *salt]), size)
         image_id = i + 1
         file_name = f"{split}_{i:06d}.png"
         Image.fromarray(image).save(os.path.join(image_dir, file_name), compress_level=1)
         images.append({"id": image_id, "file_name": file_name, "width": size, "height": size})
         for obj in objects:
             annotations.append(annotate(obj, image_id, len(annotations) + 1))
-    data = {
-        "info": {"description": f"minimask synthetic shapes, split {split}, seed {seed}, size {size}"},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(CLASSES)],
-    }
+    data = {"info": {"description": f"{description}, split {split}, seed {seed}, size {size}"},
+            "images": images, "annotations": annotations, "categories": categories}
     path = os.path.join(out_dir, f"{split}.json")
     with open(path, "w") as f:
         json.dump(data, f)
     return path
+
+
+def make_split(out_dir, split, count, seed=0, size=128):
+    """Write ``count`` images to ``out_dir/images/`` and ``out_dir/{split}.json``; return the path."""
+    if size < 32:
+        raise ValueError(f"image size {size} is too small for shapes; use 32 or more")
+    categories = [{"id": k + 1, "name": n, "supercategory": "shape"} for k, n in enumerate(CLASSES)]
+    return write_split(out_dir, split, count, seed, size, make_image, annotate, categories,
+                       "minimask synthetic shapes")
 
 
 def make_shapes(out_dir, train=1000, val=200, seed=0, size=128):
@@ -232,4 +237,4 @@ def make_shapes(out_dir, train=1000, val=200, seed=0, size=128):
             make_split(out_dir, "val", val, seed, size))
 
 
-__all__ = ["CLASSES", "make_image", "annotate", "make_split", "make_shapes"]
+__all__ = ["CLASSES", "make_image", "annotate", "write_split", "make_split", "make_shapes"]
