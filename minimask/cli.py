@@ -230,7 +230,7 @@ def build_parser():
     g = dsub.add_parser("figures", help="synthetic stick figures with 11 keypoints and distractor shapes, "
                                         "COCO keypoint format (train.json, val.json, images/)")
     g.add_argument("--out", required=True, help="output folder (created if missing)")
-    g.add_argument("--train", type=int, default=1500, help="number of training images")
+    g.add_argument("--train", type=int, default=4000, help="number of training images")
     g.add_argument("--val", type=int, default=200, help="number of validation images")
     g.add_argument("--seed", type=int, default=0, help="same seed, same files byte for byte")
     g.add_argument("--size", type=int, default=128, help="image side in pixels")

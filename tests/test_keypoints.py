@@ -16,6 +16,7 @@ from minimask.models.keypoint_head import (
     KeypointHead,
     KeypointPredictor,
     bicubic_matrix,
+    enlarge_boxes,
     heatmaps_to_keypoints,
     keypoint_loss,
     keypoints_to_heatmap,
@@ -181,6 +182,65 @@ def test_decoding_on_a_box_of_heatmap_size_is_the_cell_centre():
     points, scores = heatmaps_to_keypoints(maps, boxes)
     np.testing.assert_allclose(points[0, :, :2], [[120.5, 60.5], [100.5, 105.5]])
     np.testing.assert_allclose(scores[0], [1.0, 2.0], atol=1e-6)
+
+
+# ---------------------------------------------------------------- enlarged keypoint RoIs
+
+
+def test_enlarge_boxes_by_hand():
+    boxes = np.array([[10, 20, 30, 60], [0, 0, 1, 1]], np.float32)
+    # centre (20, 40), half sizes (10, 20) * 1.1 = (11, 22); centre (0.5, 0.5), half 0.55
+    np.testing.assert_allclose(enlarge_boxes(boxes, 1.1), [[9, 18, 31, 62], [-0.05, -0.05, 1.05, 1.05]],
+                               rtol=1e-6)
+    assert enlarge_boxes(boxes, 1.1).dtype == np.float32
+    assert enlarge_boxes(boxes, 1.0) is boxes
+
+
+def _tiny_keypoint_heads(scale):
+    cfg = dataclasses.replace(preset("figures"), width=8, fpn_out_channels=16, box_head_dim=32,
+                              keypoint_head_dim=8, keypoint_head_convs=1, keypoint_box_scale=scale)
+    return MaskRCNN(cfg).roi_heads
+
+
+def _features(rng):
+    return [Tensor(rng.normal(size=(1, 16, 128 // s, 128 // s)).astype(np.float32)) for s in (4, 8, 16, 32)]
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.25])
+def test_keypoint_head_trains_and_predicts_on_enlarged_boxes(scale, monkeypatch):
+    """keypoint_box_scale: the head pools the enlarged box at training and test time alike, and
+    a hand one pixel beyond the RoI is a training target only when the RoI is enlarged."""
+    import minimask.models.roi_heads as roi_heads_module
+
+    heads = _tiny_keypoint_heads(scale)
+    pooled, counted = [], []
+    pool = heads.keypoint_roi_pool
+    monkeypatch.setattr(heads, "keypoint_roi_pool", lambda f, boxes: pooled.append(boxes) or pool(f, boxes))
+    loss = roi_heads_module.keypoint_loss
+    monkeypatch.setattr(roi_heads_module, "keypoint_loss",
+                        lambda logits, t, valid: counted.append(valid) or loss(logits, t, valid))
+    box = np.array([[40, 30, 80, 110]], np.float32)
+    kp = np.zeros((1, len(KEYPOINT_NAMES), 3), np.float32)
+    kp[0, :, :2], kp[0, :, 2] = [60, 70], 2          # every joint in the middle ...
+    kp[0, 4, :2] = [81, 70]                          # ... but the left hand, 1 px right of the box
+    samples = [{"labels": np.array([1]), "boxes": box, "matched_idxs": np.array([0])}]
+    heads.keypoint_losses(_features(np.random.default_rng(0)), samples, [{"keypoints": kp}])
+    np.testing.assert_allclose(pooled[-1][0], enlarge_boxes(box, scale))
+    assert counted[-1][0, 4] == (scale > 1.0)        # the hand is inside the 1.25x RoI
+    assert counted[-1][0].sum() == len(KEYPOINT_NAMES) - (scale == 1.0)
+
+    results = [{"boxes": box, "labels": np.array([1]), "scores": np.array([0.9], np.float32)}]
+    heads.detect_keypoints(_features(np.random.default_rng(1)), results)
+    np.testing.assert_allclose(pooled[-1][0], enlarge_boxes(box, scale))
+    np.testing.assert_array_equal(results[0]["boxes"], box)  # the detection itself is not changed
+    x1, y1, x2, y2 = enlarge_boxes(box, scale)[0]
+    pts = results[0]["keypoints"][0]
+    assert ((pts[:, 0] >= x1) & (pts[:, 0] <= x2) & (pts[:, 1] >= y1) & (pts[:, 1] <= y2)).all()
+
+
+def test_keypoint_box_scale_out_of_range_is_a_clear_error():
+    with pytest.raises(ValueError, match="keypoint_box_scale"):
+        dataclasses.replace(preset("figures"), keypoint_box_scale=0.8)
 
 
 # ---------------------------------------------------------------- data: flip

@@ -7,9 +7,11 @@ this file draws a stand-in whose joints are clear but not trivial to find:
 - a stick figure (class ``figure``) of 11 named joints, ``KEYPOINT_NAMES``: head, neck, elbows,
   hands, hip, knees, feet, in random poses (arms and legs swing and bend, the torso leans, the
   whole figure tilts), sizes and places; thick limbs, so the figure has an area and a mask;
-- the figure faces the viewer, so its left limbs are on the image's right, and they are drawn
-  a darker shade than the right ones (as pose drawings colour left and right apart): a cue that
-  stays right under a left-right flip, because the flip also renames left and right;
+- the figure faces the viewer, so its left limbs are (mostly) on the image's right, and they
+  are drawn a darker shade than the right ones (as pose drawings colour left and right apart).
+  Two cues, then, and a left-right flip cannot keep both: renaming left and right after the
+  flip keeps the position cue but makes the *lighter* limbs the left ones.  This is why the
+  ``figures`` preset trains without flips;
 - distractors from ``shapes`` (circle, triangle, square: classes 2..4) on the same textured
   backgrounds; everything is drawn in random order, so a later object hides what it covers;
 - joints written as COCO writes them: ``keypoints`` = [x1, y1, v1, x2, y2, v2, ...] with
@@ -24,7 +26,7 @@ of that mask, ``area`` its pixel count (OKS scales its tolerance by this area, a
 Each image is drawn from its own generator seeded by ``(seed, split, index)``: same seed, same
 files byte for byte.
 
-    minimask data figures --out data/figures --train 1500 --val 200 --seed 0 --size 128
+    minimask data figures --out data/figures --train 4000 --val 200 --seed 0 --size 128
 """
 
 import math
@@ -243,7 +245,7 @@ def make_split(out_dir, split, count, seed=0, size=128):
                        salt=(7,))  # 7: not the shapes' images
 
 
-def make_figures(out_dir, train=1500, val=200, seed=0, size=128):
+def make_figures(out_dir, train=4000, val=200, seed=0, size=128):
     """Write the train and val splits; return ``(train_json, val_json)``."""
     return (make_split(out_dir, "train", train, seed, size),
             make_split(out_dir, "val", val, seed, size))

@@ -88,6 +88,7 @@ class MaskRCNNConfig:
     keypoint_label: int = 1              # the class whose RoIs learn keypoints (the person)
     keypoint_names: tuple = ()           # names of the keypoints, for drawings and checks
     keypoint_skeleton: tuple = ()        # pairs of 1-based keypoint indices, as COCO's "skeleton"
+    keypoint_box_scale: float = 1.0      # the keypoint head reads boxes enlarged this much (1: paper)
 
     # ---- training (Sec. 3.1: SGD, momentum 0.9, weight decay 1e-4) ---------------------
     batch_size: int = 2
@@ -139,6 +140,9 @@ def check(cfg):
         if not 1 <= cfg.keypoint_label < cfg.num_classes:
             raise ValueError(f"config: keypoint_label={cfg.keypoint_label} must be a class in "
                              f"1..{cfg.num_classes - 1}")
+        if not 1.0 <= cfg.keypoint_box_scale <= 2.0:
+            raise ValueError(f"config: keypoint_box_scale={cfg.keypoint_box_scale} must be in 1..2 "
+                             f"(1: the boxes as detected)")
         if cfg.keypoint_names and len(cfg.keypoint_names) != cfg.num_keypoints:
             raise ValueError(f"config: {len(cfg.keypoint_names)} keypoint_names for "
                              f"num_keypoints={cfg.num_keypoints}")
@@ -205,7 +209,7 @@ def _figures():
     return dataclasses.replace(
         _shapes(), num_classes=len(CLASSES) + 1, class_names=CLASSES,
         mask_on=False, keypoint_on=True, num_keypoints=len(KEYPOINT_NAMES), keypoint_label=1,
-        keypoint_head_dim=32, keypoint_head_convs=4, hflip_prob=0.0,
+        keypoint_head_dim=32, keypoint_head_convs=4, hflip_prob=0.0, keypoint_box_scale=1.1,
         keypoint_names=KEYPOINT_NAMES, keypoint_skeleton=SKELETON,
     )
 

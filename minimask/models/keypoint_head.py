@@ -69,6 +69,24 @@ class KeypointPredictor(nn.Module):
 
 # ---------------------------------------------------------------- training targets and loss
 
+def enlarge_boxes(boxes, factor):
+    """Boxes (N, 4) xyxy scaled by ``factor`` about their centres (1.0: unchanged).
+
+    Why the keypoint head may want it: a person's box is the box of what is visible of them, so
+    a hand or a foot lies on its very edge, and a detected box one pixel short of the truth
+    leaves that keypoint outside the RoI, where the head cannot put it (at training time it is
+    not even trained: ``keypoints_to_heatmap`` drops keypoints outside the RoI).  Top-down pose
+    estimators (SimpleBaseline, HRNet) enlarge each person box 1.25x before cropping for the same
+    reason.  Keypoint R-CNN as published (and torchvision, Detectron2) uses the boxes as they
+    are: ``cfg.keypoint_box_scale = 1.0``.
+    """
+    if factor == 1.0:
+        return boxes
+    centre = (boxes[:, :2] + boxes[:, 2:]) / 2
+    half = (boxes[:, 2:] - boxes[:, :2]) * (factor / 2)
+    return get_array_module(boxes).concatenate([centre - half, centre + half], axis=1).astype(boxes.dtype)
+
+
 def keypoints_to_heatmap(keypoints, rois, heatmap_size):
     """The one-hot targets of each RoI's keypoints, as flat cell indices on the m x m grid.
 

@@ -30,6 +30,7 @@ from .box_head import BoxHead, BoxPredictor, fastrcnn_loss, postprocess_detectio
 from .keypoint_head import (
     KeypointHead,
     KeypointPredictor,
+    enlarge_boxes,
     heatmaps_to_keypoints,
     keypoint_loss,
     keypoints_to_heatmap,
@@ -260,9 +261,10 @@ class RoIHeads(nn.Module):
         boxes, heatmaps, valid = [], [], []
         for s, t in zip(samples, targets):
             pos = xp.nonzero(s["labels"] == self.cfg.keypoint_label)[0]
-            boxes.append(s["boxes"][pos])
+            rois = enlarge_boxes(s["boxes"][pos], self.cfg.keypoint_box_scale)  # same RoIs as at test
+            boxes.append(rois)
             gt = t["keypoints"][s["matched_idxs"][pos]]
-            h, v = keypoints_to_heatmap(gt, s["boxes"][pos], 4 * self.cfg.keypoint_pool_size)
+            h, v = keypoints_to_heatmap(gt, rois, 4 * self.cfg.keypoint_pool_size)
             heatmaps.append(h)
             valid.append(v)
         logits = self.keypoint_predictor(self.keypoint_head(self.keypoint_roi_pool(features, boxes)))
@@ -316,7 +318,9 @@ class RoIHeads(nn.Module):
             r["keypoints_scores"] = xp.zeros((len(r["boxes"]), k), dtype=xp.float32)
         if sum(len(c) for c in chosen) == 0:
             return
-        boxes = [r["boxes"][c] for r, c in zip(results, chosen)]
+        # The head reads each detected box enlarged by cfg.keypoint_box_scale (keypoint_head.py's
+        # enlarge_boxes: a hand on the box's edge stays inside); the keypoints come back in pixels.
+        boxes = [enlarge_boxes(r["boxes"][c], self.cfg.keypoint_box_scale) for r, c in zip(results, chosen)]
         maps = self.keypoint_predictor(self.keypoint_head(self.keypoint_roi_pool(features, boxes))).data
         start = 0
         for r, c, b in zip(results, chosen, boxes):
