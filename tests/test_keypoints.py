@@ -425,3 +425,42 @@ def test_keypoints_without_sigmas_are_a_clear_error(figures_val, tmp_path):
     with pytest.raises(ValueError, match=r"no_sigmas\.json: the keypoint category has 11 keypoints but no "
                                          r"'keypoint_sigmas'"):
         evaluate(Fixed(), ds, log=lambda *a: None)
+
+
+def test_cli_predict_draws_skeletons_from_a_keypoint_checkpoint(tmp_path, monkeypatch):
+    """``minimask predict`` with a keypoint model's checkpoint: the skeleton comes from the saved
+    config, every limb is drawn, and the detections JSON carries the keypoints."""
+    from PIL import Image
+
+    from minimask.cli import main
+    from minimask.data.figures import SKELETON
+    from minimask.engine.checkpoint import save_checkpoint
+    from minimask.engine.predictor import save_drawing
+
+    cfg = dataclasses.replace(preset("figures"), width=8, fpn_out_channels=16, box_head_dim=32,
+                              keypoint_head_dim=8, keypoint_head_convs=1)
+    ckpt = str(tmp_path / "kp.npz")
+    save_checkpoint(ckpt, MaskRCNN(cfg), config=cfg)
+    joints = [(64, 20), (64, 30), (80, 40), (48, 40), (90, 55), (38, 55), (64, 65), (74, 85), (54, 85),
+              (78, 105), (50, 105)]  # head, neck, elbows, hands, hip, knees, feet of a standing figure
+    kp = np.concatenate([np.array(joints, np.float32), np.ones((11, 1), np.float32)], 1)[None]
+    fake = {"boxes": np.array([[30, 10, 100, 110]], np.float32), "scores": np.array([0.9], np.float32),
+            "labels": np.array([1]), "keypoints": kp, "keypoints_scores": np.ones((1, 11), np.float32)}
+    # An untrained model finds nothing worth drawing: the test is about the drawing, so the
+    # model's prediction is fixed.
+    monkeypatch.setattr(MaskRCNN, "predict", lambda self, images: [fake for _ in images])
+    image = np.full((128, 128, 3), 90, np.uint8)
+    Image.fromarray(image).save(tmp_path / "img.png")
+    out = tmp_path / "pred"
+    assert main(["predict", "--checkpoint", ckpt, str(tmp_path / "img.png"), "--out", str(out)]) == 0
+
+    (result,) = json.loads((out / "detections.json").read_text())
+    (det,) = result["detections"]
+    assert det["class"] == "figure"
+    np.testing.assert_allclose(np.reshape(det["keypoints"], (11, 3)), kp[0])
+    drawn = np.asarray(Image.open(out / "img.png").convert("RGB"), dtype=int)
+    plain = save_drawing(image, fake, cfg.class_names, str(tmp_path / "plain.png"), skeleton=())
+    plain = np.asarray(Image.open(plain).convert("RGB"), dtype=int)
+    for a, b in SKELETON:  # the middle of every limb is coloured only in the skeleton drawing
+        x, y = (np.array(joints[a - 1]) + np.array(joints[b - 1])) // 2
+        assert np.abs(drawn[y - 1:y + 2, x - 1:x + 2] - plain[y - 1:y + 2, x - 1:x + 2]).max() > 40, (a, b)
