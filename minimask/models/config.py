@@ -201,8 +201,9 @@ def _figures():
     the shapes mask head does (four of 32), so a step costs about what a shapes step costs.
 
     Tuned so that ``minimask train --config figures`` reaches keypoint AP (OKS 0.50:0.95) >= 0.5
-    on its own val split in under 15 minutes on a 2-core CPU (measured: 12 min 19 s, keypoint AP
-    0.533, bbox AP 0.513).  What mattered, measured one change at a time (2000 iterations):
+    on its own val split in under 15 minutes on a 2-core CPU (measured from an empty folder:
+    12 min 19 s, keypoint AP 0.533, bbox AP 0.513; with ``seed=1`` and ``seed=2``: keypoint AP
+    0.551 and 0.531).  What mattered, measured one change at a time (2000 iterations, seed 0):
 
     - no flip augmentation: the figures tell left from right by position *and* by shade (left
       limbs darker), and a flip keeps the first cue but inverts the second.  Keypoint AP 0.474
