@@ -190,28 +190,31 @@ def _convert_weights(args, parser=None):
     print(f"run it: minimask predict --weights {summary['path']} IMAGE")
 
 
-def _data_shapes(args, parser=None):
+def _data_synthetic(args, parser=None):
+    """``minimask data shapes|figures``: draw the synthetic data set and say where it went."""
     import time
 
-    from .data.shapes import make_shapes
+    if args.data_command == "figures":
+        from .data.figures import make_figures as make
+    else:
+        from .data.shapes import make_shapes as make
 
     t = time.perf_counter()
-    train_json, val_json = make_shapes(args.out, train=args.train, val=args.val, seed=args.seed,
-                                       size=args.size)
+    train_json, val_json = make(args.out, train=args.train, val=args.val, seed=args.seed, size=args.size)
     print(f"wrote {args.train} + {args.val} images of {args.size} px to {args.out}/images/, "
           f"annotations {train_json} and {val_json} ({time.perf_counter() - t:.1f} s)")
 
 
-def _data_figures(args, parser=None):
-    import time
-
-    from .data.figures import make_figures
-
-    t = time.perf_counter()
-    train_json, val_json = make_figures(args.out, train=args.train, val=args.val, seed=args.seed,
-                                        size=args.size)
-    print(f"wrote {args.train} + {args.val} images of {args.size} px to {args.out}/images/, "
-          f"annotations {train_json} and {val_json} ({time.perf_counter() - t:.1f} s)")
+def _add_synthetic_parser(dsub, name, help, train):
+    """The options shared by ``data shapes`` and ``data figures`` (``train``: the default count,
+    the generator's own)."""
+    s = dsub.add_parser(name, help=help)
+    s.add_argument("--out", required=True, help="output folder (created if missing)")
+    s.add_argument("--train", type=int, default=train, help="number of training images")
+    s.add_argument("--val", type=int, default=200, help="number of validation images")
+    s.add_argument("--seed", type=int, default=0, help="same seed, same files byte for byte")
+    s.add_argument("--size", type=int, default=128, help="image side in pixels")
+    s.set_defaults(func=_data_synthetic)
 
 
 def build_parser():
@@ -220,21 +223,10 @@ def build_parser():
 
     d = sub.add_parser("data", help="make data sets")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("shapes", help="synthetic shapes in COCO format (train.json, val.json, images/)")
-    s.add_argument("--out", required=True, help="output folder (created if missing)")
-    s.add_argument("--train", type=int, default=1000, help="number of training images")
-    s.add_argument("--val", type=int, default=200, help="number of validation images")
-    s.add_argument("--seed", type=int, default=0, help="same seed, same files byte for byte")
-    s.add_argument("--size", type=int, default=128, help="image side in pixels")
-    s.set_defaults(func=_data_shapes)
-    g = dsub.add_parser("figures", help="synthetic stick figures with 11 keypoints and distractor shapes, "
-                                        "COCO keypoint format (train.json, val.json, images/)")
-    g.add_argument("--out", required=True, help="output folder (created if missing)")
-    g.add_argument("--train", type=int, default=4000, help="number of training images")
-    g.add_argument("--val", type=int, default=200, help="number of validation images")
-    g.add_argument("--seed", type=int, default=0, help="same seed, same files byte for byte")
-    g.add_argument("--size", type=int, default=128, help="image side in pixels")
-    g.set_defaults(func=_data_figures)
+    _add_synthetic_parser(dsub, "shapes", "synthetic shapes in COCO format (train.json, val.json, images/)",
+                          train=1000)
+    _add_synthetic_parser(dsub, "figures", "synthetic stick figures with 11 keypoints and distractor shapes, "
+                                           "COCO keypoint format (train.json, val.json, images/)", train=4000)
     u = dsub.add_parser("subset", help="cut N random images (and their annotations) out of a COCO file",
                         description="Write OUT/NAME.json with N randomly drawn images of --ann and their "
                                     "annotations (all categories kept), and link their files into "
