@@ -31,6 +31,7 @@ import numpy as np
 from numba import njit
 
 from ..backend import get_array_module, is_cupy_array, to_device
+from .cuda_sources import CudaSource, cuda_function
 
 BLOCK = 64  # boxes per bitmask word: one bit per box of a column block
 MAX_CUDA_BOXES = 48 * 1024 // 8 * BLOCK  # the gather pass keeps one word per block in 48 KiB
@@ -248,17 +249,11 @@ extern "C" __global__ void nms_gather_keep(const unsigned long long* mask, int n
 }
 """
 
-_cuda_module = None
-
-
-def _get_cuda_module():
-    global _cuda_module
-    if _cuda_module is None:
-        import cupy
-
-        # --fmad=false: keep a + b - w * h as separate roundings, as NumPy and Numba do.
-        _cuda_module = cupy.RawModule(code=_CUDA_SOURCE, options=("--fmad=false",))
-    return _cuda_module
+CUDA_SOURCES = {
+    # --fmad=false: keep a + b - w * h as separate roundings, as NumPy and Numba do.
+    "nms": CudaSource(_CUDA_SOURCE, kernels=("nms_suppression_mask", "nms_gather_keep"),
+                      options=("--fmad=false",)),
+}
 
 
 def suppression_mask_cupy(sorted_boxes, iou_threshold):
@@ -270,7 +265,7 @@ def suppression_mask_cupy(sorted_boxes, iou_threshold):
     col_blocks = (n + BLOCK - 1) // BLOCK
     mask = cupy.zeros((n, col_blocks), dtype=cupy.uint64)
     if n:
-        kernel = _get_cuda_module().get_function("nms_suppression_mask")
+        kernel = cuda_function(CUDA_SOURCES["nms"], "nms_suppression_mask")
         kernel((col_blocks, col_blocks), (BLOCK,),
                (sorted_boxes, np.int32(n), np.float64(iou_threshold), mask))
     return mask
@@ -283,7 +278,7 @@ def gather_keep_cupy(mask, n):
     keep = cupy.zeros(n, dtype=cupy.bool_)
     if n:
         col_blocks = mask.shape[1]
-        kernel = _get_cuda_module().get_function("nms_gather_keep")
+        kernel = cuda_function(CUDA_SOURCES["nms"], "nms_gather_keep")
         kernel((1,), (min(256, max(32, col_blocks)),),
                (cupy.ascontiguousarray(mask), np.int32(n), keep), shared_mem=col_blocks * 8)
     return keep

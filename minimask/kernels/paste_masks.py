@@ -37,6 +37,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..backend import get_array_module, is_cupy_array
+from .cuda_sources import CudaSource, cuda_function
 
 
 def _bilinear_zero_padded(mask, v, u):
@@ -179,17 +180,10 @@ extern "C" __global__ void paste_masks(const double* masks, const double* boxes,
 }
 """
 
-_cuda_kernel = None
-
-
-def _get_cuda_kernel():
-    global _cuda_kernel
-    if _cuda_kernel is None:
-        import cupy
-
-        # --fmad=false: keep a*b + c as two roundings, as NumPy and Numba do (see the docstring).
-        _cuda_kernel = cupy.RawKernel(_CUDA_SOURCE, "paste_masks", options=("--fmad=false",))
-    return _cuda_kernel
+CUDA_SOURCES = {
+    # --fmad=false: keep a*b + c as two roundings, as NumPy and Numba do (see the docstring).
+    "paste_masks": CudaSource(_CUDA_SOURCE, kernels=("paste_masks",), options=("--fmad=false",)),
+}
 
 
 def paste_masks_cupy(masks, boxes, image_shape, threshold):
@@ -207,7 +201,7 @@ def paste_masks_cupy(masks, boxes, image_shape, threshold):
         blocks = min((total + threads - 1) // threads, 65535)
         args = (masks, boxes, np.int32(n), np.int32(mh), np.int32(mw), np.int32(height), np.int32(width),
                 np.float64(threshold), out)
-        _get_cuda_kernel()((blocks,), (threads,), args)
+        cuda_function(CUDA_SOURCES["paste_masks"], "paste_masks")((blocks,), (threads,), args)
     return out
 
 

@@ -48,6 +48,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..backend import is_cupy_array
+from .cuda_sources import CudaSource, cuda_function
 
 
 # ---- 1. the reference: plain Python, one sample at a time ------------------------------------
@@ -440,22 +441,10 @@ extern "C" __global__ void roi_align_backward(const T* gy, const double* rois, T
 }
 """
 
-_cuda_kernels = {}
-
-
-def _cuda_kernel(name, dtype):
-    """The compiled kernel ``name`` for float32 or float64 (compiled once, then cached)."""
-    import cupy
-
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"roi_align on the GPU supports float32 and float64, got {dtype}")
-    key = (name, dtype.char)
-    if key not in _cuda_kernels:
-        ctype = "float" if dtype == np.float32 else "double"
-        module = cupy.RawModule(code=f"typedef {ctype} T;\n" + _CUDA_SOURCE)
-        _cuda_kernels[key] = module.get_function(name)
-    return _cuda_kernels[key]
+CUDA_SOURCES = {
+    "roi_align": CudaSource(_CUDA_SOURCE, kernels=("roi_align_forward", "roi_align_backward"),
+                            dtypes=("float32", "float64")),
+}
 
 
 def _launch_cuda(name, src, rois, dst, C, H, W, oh, ow, spatial_scale, sampling_ratio, aligned):
@@ -466,7 +455,7 @@ def _launch_cuda(name, src, rois, dst, C, H, W, oh, ow, spatial_scale, sampling_
         return
     rois = cupy.ascontiguousarray(cupy.asarray(rois, dtype=cupy.float64))
     threads = 256
-    _cuda_kernel(name, dst.dtype)(
+    cuda_function(CUDA_SOURCES["roi_align"], name, dst.dtype, "roi_align")(
         ((total + threads - 1) // threads,), (threads,),
         (cupy.ascontiguousarray(src), rois, dst, np.int64(total), np.int32(C), np.int32(H), np.int32(W),
          np.int32(oh), np.int32(ow), np.float64(spatial_scale), np.int32(sampling_ratio),

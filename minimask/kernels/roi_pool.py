@@ -33,6 +33,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..backend import is_cupy_array
+from .cuda_sources import CudaSource, cuda_function
 
 
 def round_half_away(v):
@@ -197,20 +198,15 @@ extern "C" __global__ void roi_pool_backward(const T* gy, const double* rois, co
 }
 """
 
-_cuda_kernels = {}
+CUDA_SOURCES = {
+    "roi_pool": CudaSource(_CUDA_SOURCE, kernels=("roi_pool_forward", "roi_pool_backward"),
+                           dtypes=("float32", "float64")),
+}
 
 
 def _cuda_kernel(name, dtype):
-    import cupy
-
-    dtype = np.dtype(dtype)
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"roi_pool on the GPU supports float32 and float64, got {dtype}")
-    key = (name, dtype.char)
-    if key not in _cuda_kernels:
-        ctype = "float" if dtype == np.float32 else "double"
-        _cuda_kernels[key] = cupy.RawModule(code=f"typedef {ctype} T;\n" + _CUDA_SOURCE).get_function(name)
-    return _cuda_kernels[key]
+    """The compiled kernel ``name`` for float32 or float64 features."""
+    return cuda_function(CUDA_SOURCES["roi_pool"], name, dtype, "roi_pool")
 
 
 def _device_rois(rois):
