@@ -1,6 +1,8 @@
 """interpolate: gradients by finite differences (nearest and bilinear, integer and non-integer
 factors, up and down), values against plain loops written from the formulas, and PyTorch's
-numbers for both modes."""
+numbers for both modes.  The one resize rule: the index tables, ``interpolate``, and the array
+resizes of images and masks against ``torch.nn.functional.interpolate`` for every (in, out)
+pair of a grid up to 200 -> 400."""
 
 import math
 
@@ -8,6 +10,29 @@ import numpy as np
 import pytest
 
 from minimask import F, Tensor, gradcheck
+from minimask.functional.resize import (
+    interpolation_matrix,
+    linear_table,
+    nearest_table,
+    resize_image,
+    resize_masks,
+)
+
+# Sizes in and out, all pairs: 1 and 2 (edges), 82 (the float32 rounding case 2 -> 82), primes,
+# integer factors of each other, up to 200 -> 400 and down to 1.
+GRID_IN = (1, 2, 3, 5, 7, 10, 14, 21, 28, 41, 64, 97, 128, 157, 200)
+GRID_OUT = (1, 2, 4, 6, 13, 20, 31, 47, 64, 82, 111, 128, 199, 261, 400)
+PAIRS = [(a, b) for a in GRID_IN for b in GRID_OUT]
+
+
+def grid_cases():
+    """(h, w, out_h, out_w) covering every grid pair on the rows; the columns take the pairs in
+    another order, so that the two axes do not always resize alike."""
+    return [(a, c, b, d) for (a, b), (c, d) in zip(PAIRS, PAIRS[::-1])]
+
+
+def torch_or_skip():
+    return pytest.importorskip("torch", reason="torch's interpolate is the oracle for the resize rule")
 
 
 def loop_nearest(x, oh, ow):
@@ -170,3 +195,146 @@ def test_gpu_matches_cpu(rng, mode, kwargs):
         results.append((to_device(y.data, "cpu"), to_device(a.grad, "cpu")))
     for cpu, gpu in zip(*results):
         np.testing.assert_allclose(gpu, cpu, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------- the one rule, against torch
+
+
+def test_tables_equal_torch_on_grid():
+    torch = torch_or_skip()
+    tf = torch.nn.functional
+    # A fused multiply-add (one rounding) in the bilinear coordinate is what torch's AVX2,
+    # AVX-512 and CUDA kernels compute; its plain DEFAULT CPU build rounds twice.
+    fused = torch.backends.cpu.get_cpu_capability() != "DEFAULT"
+    for a, b in PAIRS:
+        # Nearest: resizing 0, 1, ..., a-1 (exact in float32) returns the source indices.
+        probe = torch.arange(a, dtype=torch.float32)[None, None, None]
+        theirs = tf.interpolate(probe, size=(1, b), mode="nearest")[0, 0, 0].numpy().astype(np.int64)
+        np.testing.assert_array_equal(nearest_table(a, b), theirs, err_msg=f"nearest {a} -> {b}")
+        # Bilinear: resizing the columns of an identity matrix returns the (out, in) matrix of
+        # the weights, each weight times 1 plus the other times 0, so exactly the weights.
+        eye = torch.eye(a, dtype=torch.float32)[None, None]
+        theirs = tf.interpolate(eye, size=(a, b), mode="bilinear", align_corners=False)[0, 0].numpy().T
+        i0, i1, w0, w1 = linear_table(a, b)
+        ours = interpolation_matrix(a, [(i0, w0), (i1, w1)], np.float32)
+        if fused:
+            np.testing.assert_array_equal(ours, theirs, err_msg=f"bilinear {a} -> {b}")
+        else:
+            np.testing.assert_allclose(ours, theirs, rtol=0, atol=1e-6, err_msg=f"bilinear {a} -> {b}")
+
+
+def test_float64_rule_would_pick_another_pixel_at_2_to_82():
+    # Why the tables compute in float32: 41 * (2 / 82) is 1.0 in float64, 0.99999994 in float32.
+    torch = torch_or_skip()
+    assert int(41 * (2 / 82)) == 1 and nearest_table(2, 82)[41] == 0
+    x = np.array([[[[1.0, 2.0]]]], dtype=np.float32)
+    theirs = torch.nn.functional.interpolate(torch.tensor(x), size=(2, 82)).numpy()
+    assert theirs[0, 0, 0, 41] == 1.0
+    np.testing.assert_array_equal(F.interpolate(Tensor(x), size=(2, 82)).data, theirs)
+    masks = np.array([[[0, 1], [1, 0]]], dtype=np.uint8)
+    np.testing.assert_array_equal(resize_masks(masks, (82, 82)),
+                                  torch.nn.functional.interpolate(torch.tensor(masks[None]).float(),
+                                                                  size=(82, 82))[0].numpy())
+
+
+@pytest.mark.parametrize("mode", ["nearest", "bilinear"])
+def test_interpolate_equals_torch_on_grid(rng, mode):
+    torch = torch_or_skip()
+    for h, w, oh, ow in grid_cases():
+        x = rng.standard_normal((1, 2, h, w)).astype(np.float32)
+        ours = F.interpolate(Tensor(x), size=(oh, ow), mode=mode).data
+        theirs = torch.nn.functional.interpolate(torch.from_numpy(x), size=(oh, ow), mode=mode).numpy()
+        where = f"{mode} ({h}, {w}) -> ({oh}, {ow})"
+        if mode == "nearest":
+            np.testing.assert_array_equal(ours, theirs, err_msg=where)
+        else:  # the same weights; sums may round in another order (torch fuses multiply-adds)
+            np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=where)
+
+
+def test_array_resizes_equal_torch_on_grid(rng):
+    torch = torch_or_skip()
+    tf = torch.nn.functional
+    for h, w, oh, ow in grid_cases():
+        where = f"({h}, {w}) -> ({oh}, {ow})"
+        image = rng.random((h, w, 3)).astype(np.float32)
+        theirs = tf.interpolate(torch.from_numpy(image).permute(2, 0, 1)[None], size=(oh, ow),
+                                mode="bilinear", align_corners=False)[0].permute(1, 2, 0).numpy()
+        ours = resize_image(image, (oh, ow))
+        assert ours.dtype == np.float32 and ours.shape == (oh, ow, 3)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6, err_msg=where)
+        np.testing.assert_allclose(resize_image(image[..., 0], (oh, ow)), theirs[..., 0],
+                                   rtol=1e-5, atol=1e-6, err_msg=where)
+        masks = (rng.random((2, h, w)) < 0.5).astype(np.uint8)
+        theirs = tf.interpolate(torch.from_numpy(masks)[None].float(), size=(oh, ow), mode="nearest")[0]
+        ours = resize_masks(masks, (oh, ow))
+        assert ours.dtype == np.uint8
+        np.testing.assert_array_equal(ours, theirs.numpy().astype(np.uint8), err_msg=where)
+
+
+def test_uint8_image_is_torch_float_result_rounded(rng):
+    torch = torch_or_skip()
+    total = ties = 0
+    for h, w, oh, ow in grid_cases():
+        image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+        t = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+        theirs = torch.nn.functional.interpolate(t, size=(oh, ow), mode="bilinear", align_corners=False)
+        theirs = theirs[0].permute(1, 2, 0).numpy()
+        ours = resize_image(image, (oh, ow))
+        assert ours.dtype == np.uint8
+        expected = np.rint(theirs)  # torch.round: half to even, as np.rint
+        differ = ours != expected
+        # The weights are torch's exactly, but torch fuses the multiply-adds of the sum, so
+        # a value a rounding error from a tie (k + 0.5) may round to the other side: there, and
+        # only there, the two may differ, by one.
+        near_tie = np.abs(np.abs(theirs - np.floor(theirs)) - 0.5) < 1e-4
+        assert not (differ & ~near_tie).any(), f"({h}, {w}) -> ({oh}, {ow})"
+        assert (np.abs(ours[differ].astype(int) - expected[differ]) == 1).all()
+        total, ties = total + ours.size, ties + differ.sum()
+    assert ties < 1e-3 * total  # rare: a pixel in thousands
+
+
+def test_float64_image_computes_in_float64(rng):
+    torch = torch_or_skip()
+    image = rng.random((13, 17))
+    ours = resize_image(image, (29, 8))
+    theirs = torch.nn.functional.interpolate(torch.from_numpy(image)[None, None], size=(29, 8),
+                                             mode="bilinear", align_corners=False)[0, 0].numpy()
+    assert ours.dtype == np.float64
+    np.testing.assert_allclose(ours, theirs, rtol=1e-13, atol=1e-13)
+
+
+def test_array_resizes_same_size_copy_exactly(rng):
+    image = rng.integers(0, 256, (5, 7, 3), dtype=np.uint8)
+    masks = rng.random((2, 5, 7)) < 0.5
+    for a, resized in ((image, resize_image(image, (5, 7))), (masks, resize_masks(masks, (5, 7)))):
+        np.testing.assert_array_equal(resized, a)
+        assert resized.dtype == a.dtype and not np.shares_memory(resized, a)
+    wide = resize_image(image, (5, 12))  # rows unchanged: each row resized on its own
+    np.testing.assert_array_equal(wide[2], resize_image(image[2:3], (1, 12))[0])
+
+
+def test_array_resize_errors(rng):
+    with pytest.raises(ValueError, match=r"\(H, W, C\) or \(H, W\)"):
+        resize_image(np.zeros((1, 2, 3, 4)), (3, 3))
+    with pytest.raises(ValueError, match="positive"):
+        resize_image(np.zeros((4, 4)), (0, 3))
+    with pytest.raises(ValueError, match=r"\(N, H, W\)"):
+        resize_masks(np.zeros((4, 4)), (3, 3))
+    with pytest.raises(ValueError, match="positive"):
+        resize_masks(np.zeros((1, 4, 4)), (3, 0))
+
+
+@pytest.mark.gpu
+def test_array_resizes_gpu_match_cpu(rng):
+    import cupy
+
+    image = rng.integers(0, 256, (21, 14, 3), dtype=np.uint8)
+    masks = (rng.random((3, 21, 14)) < 0.5).astype(np.uint8)
+    for size in ((47, 31), (2, 82), (21, 14)):
+        gpu = resize_image(cupy.asarray(image), size)
+        np.testing.assert_array_equal(gpu.get(), resize_image(image, size))
+        gpu = resize_image(cupy.asarray(image, dtype=np.float32), size)
+        cpu = resize_image(image.astype(np.float32), size)
+        np.testing.assert_allclose(gpu.get(), cpu, rtol=1e-6, atol=1e-4)
+        gpu = resize_masks(cupy.asarray(masks), size)
+        np.testing.assert_array_equal(gpu.get(), resize_masks(masks, size))

@@ -26,7 +26,15 @@ and bilinear reads rows floor(src) and floor(src) + 1 (clamped to the image) wit
 1 - frac and frac.  PyTorch computes nearest indices in float32 always, and bilinear coordinates
 in float32 for float32 maps; so do we, to pick the same pixels.  Exact rational arithmetic
 would round some nearest indices differently (2 -> 82 pixels, dst 41: 41 * 2 / 82 is exactly
-1.0, but 0.99999994 in float32, so floor gives 0).
+1.0, but 0.99999994 in float32, so floor gives 0).  PyTorch's CPU kernels (AVX2 and AVX-512
+builds) and CUDA kernels compute ``ratio * (dst + 0.5) - 0.5`` as one fused multiply-add, a
+single rounding; we round once too, so our float32 bilinear weights are PyTorch's bit for bit
+(its plain "DEFAULT" CPU build rounds twice and can differ in a weight's last bit).
+
+These tables are the one resize rule of minimask: ``interpolate`` below (the differentiable
+feature-map resize), the array-level ``resize_image`` and ``resize_masks`` at the end of the file
+(the model's input transform) and torchvision-style mask pasting (``ops/masks.py``) all gather
+with them.
 """
 
 import math
@@ -66,14 +74,26 @@ def _ratio(n_in, n_out, scale, dtype):
 
 
 def nearest_table(n_in, n_out, scale=None):
-    """Source index of each output position along one axis (a NumPy int64 array)."""
+    """Source index of each output position along one axis (a NumPy int64 array), as PyTorch's
+    ``mode="nearest"``: ``min(floor(dst * ratio), n_in - 1)`` with ``ratio = n_in / n_out`` (or
+    ``1 / scale``) in float32.
+
+    ``x[nearest_table(n_in, n_out)]`` resizes axis 0 of ``x`` from ``n_in`` to ``n_out``.
+    """
     ratio = _ratio(n_in, n_out, scale, np.dtype(np.float32))  # float32 always, as PyTorch
     src = np.floor(np.arange(n_out, dtype=np.float32) * ratio).astype(np.int64)
     return np.minimum(src, n_in - 1)
 
 
 def linear_table(n_in, n_out, scale=None, align_corners=False, dtype=np.float32):
-    """Along one axis: the two source indices (i0, i1) and weights (w0, w1) of each output."""
+    """Along one axis: the two source indices (i0, i1) (NumPy int64) and weights (w0, w1) (in
+    ``dtype``) of each output, as PyTorch's ``mode="bilinear"``, so that
+    ``x[i0] * w0 + x[i1] * w1`` resizes axis 0 of ``x`` from ``n_in`` to ``n_out``.
+
+    ``dtype`` is the precision PyTorch computes coordinates in: float32 for float32 (and
+    narrower) data, float64 for float64.  With ``align_corners=False`` the source coordinate is
+    ``max(ratio * (dst + 0.5) - 0.5, 0)``, half-pixel centres, clamped at the first pixel.
+    """
     dtype = np.dtype(dtype)
     dst = np.arange(n_out, dtype=dtype)
     if align_corners:
@@ -81,7 +101,15 @@ def linear_table(n_in, n_out, scale=None, align_corners=False, dtype=np.float32)
         src = dst * ratio
     else:
         ratio = _ratio(n_in, n_out, scale, dtype)
-        src = np.maximum((dst + dtype.type(0.5)) * ratio - dtype.type(0.5), 0)
+        if dtype == np.float32:
+            # PyTorch's compiled kernels fuse this multiply-add (one rounding).  float64 holds
+            # ratio * (dst + 0.5) - 0.5 exactly (a 24-bit ratio times a 25-bit half-integer, less
+            # 0.5, fits in 53 bits for any size below 2^24), so one rounding to float32 from
+            # there is the fused result.
+            src = (np.float64(ratio) * (np.arange(n_out) + 0.5) - 0.5).astype(np.float32)
+        else:
+            src = (dst + dtype.type(0.5)) * ratio - dtype.type(0.5)
+        src = np.maximum(src, dtype.type(0))
     i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
     i1 = np.minimum(i0 + 1, n_in - 1)  # at the last row both taps are the same pixel
     w1 = np.clip(src - i0, 0, 1).astype(dtype)
@@ -199,3 +227,64 @@ def interpolate(x, size=None, scale_factor=None, mode="nearest", align_corners=F
     if mode == "bilinear":
         return BilinearResize(out_hw, scales, bool(align_corners))(x)
     raise ValueError(f"interpolate: unknown mode {mode!r}: expected 'nearest' or 'bilinear'")
+
+
+# ---------------------------------------------------------------- arrays (no gradient)
+# The model's input transform resizes images and their masks before any Tensor exists; these
+# gather with the same tables as ``interpolate``, on NumPy or CuPy arrays.
+
+
+def _resize_axis(x, axis, n_out, dtype):
+    """Bilinear resize of ``x`` (float, in ``dtype``) along ``axis`` (0 or 1) to ``n_out``."""
+    xp = get_array_module(x)
+    i0, i1, w0, w1 = (xp.asarray(a) for a in linear_table(x.shape[axis], n_out, dtype=dtype))
+    if axis == 0:
+        shape = (-1,) + (1,) * (x.ndim - 1)  # the weights broadcast over the other axes
+        return x[i0] * w0.reshape(shape) + x[i1] * w1.reshape(shape)
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return x[:, i0] * w0.reshape(shape) + x[:, i1] * w1.reshape(shape)
+
+
+def resize_image(image, size):
+    """Bilinear resize of an (H, W, C) or (H, W) array to ``size`` = (new_h, new_w), the numbers
+    of PyTorch's ``interpolate(mode="bilinear", align_corners=False)`` on the float image.
+
+    Computed in float32 (float64 for float64 images, as PyTorch); uint8 in gives uint8 out
+    (rounded half to even, as ``torch.round``), any float dtype gives that dtype.  Columns are
+    interpolated first, then rows: the order of PyTorch's CPU loop, so the sums round alike.
+    An axis whose size does not change is left alone (exactly what the tables would give).
+    """
+    xp = get_array_module(image)
+    if image.ndim not in (2, 3):
+        raise ValueError(f"resize_image: expected an (H, W, C) or (H, W) array, got shape {image.shape}")
+    new_h, new_w = (int(s) for s in size)
+    if new_h < 1 or new_w < 1:
+        raise ValueError(f"resize_image: size must be positive, got {tuple(size)}")
+    dtype = np.float64 if image.dtype == np.float64 else np.float32
+    out = image.astype(dtype, copy=False)
+    if new_w != image.shape[1]:
+        out = _resize_axis(out, 1, new_w, dtype)
+    if new_h != image.shape[0]:
+        out = _resize_axis(out, 0, new_h, dtype)
+    if image.dtype == np.uint8:
+        return xp.clip(xp.rint(out), 0, 255).astype(np.uint8)
+    if out is not image and out.dtype == image.dtype:
+        return out
+    return out.astype(image.dtype)  # a new array also when nothing was resized
+
+
+def resize_masks(masks, size):
+    """Nearest-neighbour resize of (N, H, W) masks to ``size`` = (new_h, new_w), PyTorch's
+    ``interpolate(mode="nearest")`` (``nearest_table``); any dtype, values only copied, so 0/1
+    masks stay 0/1."""
+    xp = get_array_module(masks)
+    if masks.ndim != 3:
+        raise ValueError(f"resize_masks: expected (N, H, W) masks, got shape {masks.shape}")
+    new_h, new_w = (int(s) for s in size)
+    if new_h < 1 or new_w < 1:
+        raise ValueError(f"resize_masks: size must be positive, got {tuple(size)}")
+    if (new_h, new_w) == masks.shape[1:]:
+        return masks.copy()
+    rows = xp.asarray(nearest_table(masks.shape[1], new_h))
+    cols = xp.asarray(nearest_table(masks.shape[2], new_w))
+    return masks[:, rows[:, None], cols[None, :]]

@@ -12,7 +12,8 @@ little on which one it was trained and evaluated with, so both are here:
 - ``mode="torchvision"``: torchvision's ``paste_masks_in_image`` (roi_heads.py): the mask is
   padded by one zero cell on each side, the box grown to match and truncated to integers, the
   padded mask resized to the integer box's (w + 1) x (h + 1) pixels with
-  ``interpolate(mode="bilinear", align_corners=False)``, and copied in.  torchvision returns the
+  ``interpolate(mode="bilinear", align_corners=False)`` (here ``functional.resize.resize_image``,
+  the same index tables and weights as torch's), and copied in.  torchvision returns the
   probabilities and its COCO evaluation keeps pixels with probability > 0.5, so this mode
   thresholds with ``>``.  Use it with weights imported from torchvision to get its masks.
 
@@ -22,6 +23,7 @@ Both give (N, H, W) boolean masks, or the probabilities with ``threshold=None``.
 import numpy as np
 
 from ..backend import device_of, get_array_module, to_device
+from ..functional.resize import resize_image
 from ..kernels.paste_masks import paste_masks, paste_masks_reference
 
 MODES = ("detectron2", "torchvision")
@@ -72,30 +74,6 @@ def paste_masks_in_image(masks, boxes, image_shape, threshold=0.5, mode="detectr
     return paste_masks(masks, boxes, image_shape, threshold)
 
 
-def _resize_bilinear(image, out_h, out_w):
-    """(h, w) -> (out_h, out_w), as torch's ``interpolate(mode="bilinear", align_corners=False)``.
-
-    Output pixel i reads the input at src = (i + 0.5) * in / out - 0.5, clamped at 0 below (and
-    its upper neighbour clamped to the last row or column), which is PyTorch's convention.
-    """
-    xp = get_array_module(image)
-    dtype = image.dtype
-
-    def axis(n_in, n_out):
-        scale = xp.asarray(n_in / n_out, dtype=dtype)
-        src = xp.maximum(scale * (xp.arange(n_out, dtype=dtype) + 0.5) - 0.5, 0)
-        i0 = src.astype(xp.int64)  # src >= 0, so truncation is floor
-        frac = src - i0.astype(dtype)
-        i1 = xp.minimum(i0 + 1, n_in - 1)
-        return i0, i1, frac
-
-    r0, r1, fy = axis(image.shape[0], out_h)
-    c0, c1, fx = axis(image.shape[1], out_w)
-    top = image[r0][:, c0] * (1 - fx) + image[r0][:, c1] * fx
-    bottom = image[r1][:, c0] * (1 - fx) + image[r1][:, c1] * fx
-    return top * (1 - fy)[:, None] + bottom * fy[:, None]
-
-
 def paste_masks_torchvision(masks, boxes, image_shape):
     """Probabilities (N, H, W) pasted as torchvision does (see the module docstring)."""
     xp = get_array_module(masks)
@@ -115,7 +93,7 @@ def paste_masks_torchvision(masks, boxes, image_shape):
     for i in range(n):
         x0, y0, x1, y1 = (int(c) for c in grown[i])
         # The integer box covers pixels x0..x1 inclusive: w = x1 - x0 + 1 of them.
-        resized = _resize_bilinear(padded[i], max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1))
+        resized = resize_image(padded[i], (max(y1 - y0 + 1, 1), max(x1 - x0 + 1, 1)))
         xa, xb = max(x0, 0), min(x1 + 1, width)  # the part of the box inside the image
         ya, yb = max(y0, 0), min(y1 + 1, height)
         if xa < xb and ya < yb:
