@@ -5,6 +5,11 @@ CuPy share, so the same code runs on either device.  CuPy is optional: where it 
 no GPU is seen, ``gpu_available()`` is False and everything runs on NumPy.
 """
 
+import os
+import re
+import shutil
+import subprocess
+
 import numpy as np
 
 _cupy = None
@@ -25,7 +30,7 @@ def _try_cupy():
             else:
                 _cupy_problem = "CuPy is installed but sees no CUDA device"
         except ImportError as e:
-            _cupy_problem = f"CuPy is not installed ({e})"
+            _cupy_problem = f"CuPy is not installed or does not load ({e})"
         except Exception as e:  # CUDA driver or runtime errors: no GPU for us
             _cupy_problem = f"CuPy could not reach a CUDA device ({type(e).__name__}: {e})"
     return _cupy
@@ -36,12 +41,85 @@ def gpu_available():
     return _try_cupy() is not None
 
 
+# The CuPy wheel, and minimask's extra that installs it, for each CUDA major version.
+CUPY_WHEELS = {12: ("gpu-cuda12", "cupy-cuda12x"), 13: ("gpu-cuda13", "cupy-cuda13x")}
+
+
+def _driver_cuda_from_libcuda():
+    """The driver's CUDA version from libcuda's cuDriverGetVersion (no CuPy, no device needed)."""
+    import ctypes
+    import ctypes.util
+
+    if os.name == "nt":
+        names = ["nvcuda.dll"]
+    else:
+        names = ["libcuda.so.1", "libcuda.so", ctypes.util.find_library("cuda")]
+    for name in filter(None, names):
+        try:
+            version = ctypes.c_int(0)
+            if ctypes.CDLL(name).cuDriverGetVersion(ctypes.byref(version)) == 0 and version.value > 0:
+                return version.value // 1000, version.value % 1000 // 10  # 13000 -> (13, 0)
+        except (OSError, AttributeError):
+            continue
+    return None
+
+
+def _driver_cuda_from_nvidia_smi():
+    """The "CUDA Version: 13.0" that ``nvidia-smi`` prints at its top, as (13, 0)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        return None
+    try:
+        text = subprocess.run([exe], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    found = re.search(r"CUDA Version:\s*(\d+)\.(\d+)", text)
+    return (int(found.group(1)), int(found.group(2))) if found else None
+
+
+def driver_cuda_version():
+    """(major, minor) of the newest CUDA the NVIDIA driver runs, read without CuPy; None without a
+    driver.  CUDA is backward compatible: a 13.0 driver also runs programs built for CUDA 12."""
+    return _driver_cuda_from_libcuda() or _driver_cuda_from_nvidia_smi()
+
+
+def _installed_cupy_wheels():
+    """Names of the installed CuPy distributions (cupy-cuda12x, cupy-cuda13x, ...)."""
+    from importlib import metadata
+
+    names = {(d.metadata["Name"] or "").lower() for d in metadata.distributions()}
+    return sorted(n for n in names if n == "cupy" or n.startswith("cupy-cuda") or n.startswith("cupy-rocm"))
+
+
+def cupy_wheel_advice(driver=None):
+    """Which CuPy wheel fits this machine, in a sentence: by the driver's CUDA version where one is
+    found (``driver`` overrides it), otherwise both extras and how to tell which."""
+    driver = driver or driver_cuda_version()
+    installed = _installed_cupy_wheels()
+    have = f" (installed now: {', '.join(installed)})" if installed else ""
+    if driver is None:
+        return (f"No NVIDIA driver was found here{have}. On a machine with an NVIDIA GPU, nvidia-smi prints "
+                f"'CUDA Version: X.Y' at its top: pip install 'minimask[gpu-cuda12]' for 12.x, "
+                f"'minimask[gpu-cuda13]' for 13.x")
+    major, minor = driver
+    if major < min(CUPY_WHEELS):
+        return (f"This machine's NVIDIA driver runs CUDA {major}.{minor} at most{have}; minimask's CuPy "
+                f"wheels need CUDA 12 or 13: update the driver, then pip install 'minimask[gpu-cuda12]'")
+    cuda = min(major, max(CUPY_WHEELS))  # a newer driver runs the newest wheel there is
+    extra, wheel = CUPY_WHEELS[cuda]
+    others = [n for n in installed if n != wheel]
+    swap = f"; pip uninstall {' '.join(others)} first (two CuPy wheels break each other)" if others else ""
+    return (f"This machine's NVIDIA driver runs CUDA {major}.{minor}{have}: the CuPy wheel that fits is "
+            f"{wheel}, pip install 'minimask[{extra}]'{swap}. It loads the CUDA {cuda} toolkit's libraries "
+            f"(or PyPI's, with pip install '{wheel}[ctk]')")
+
+
 def require_gpu(what="device 'gpu'"):
-    """Raise a RuntimeError saying why ``what`` cannot run here, unless a GPU is available."""
+    """Raise a RuntimeError saying why ``what`` cannot run here, and which CuPy wheel would fit,
+    unless a GPU is available."""
     if _try_cupy() is None:
-        raise RuntimeError(f"{what} asked for, but {_cupy_problem}. Install the GPU extra "
-                           f"(pip install 'minimask[gpu]', CuPy for CUDA 12) on a machine with an "
-                           f"NVIDIA GPU, or use --device cpu")
+        raise RuntimeError(f"{what} asked for, but {_cupy_problem}. {cupy_wheel_advice()}; "
+                           f"or use --device cpu")
 
 
 def gpu_name():

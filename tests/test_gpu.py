@@ -11,6 +11,7 @@ anchors, matcher, NMS, RoIAlign/RoIPool and mask pasting live beside each op's o
 import dataclasses
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -215,7 +216,6 @@ def test_model_forward_on_cupy_matches_numpy():
     so do the RPN's losses (same seeds: the same sampled anchors), the heads' losses on the same
     proposals (the RPN's own proposals could differ where two scores tie at the top-k cut), the
     gradients of every weight, and the top detection scores."""
-    from minimask.engine.trainer import seed_samplers
 
     images, targets = _shapes_batch()
     rng = np.random.default_rng(3)
@@ -232,7 +232,7 @@ def test_model_forward_on_cupy_matches_numpy():
     results = {}
     for name, model in (("cpu", cpu), ("gpu", gpu_model)):
         model.train()
-        seed_samplers(model, 0, 0)
+        model.reseed(0, 0)
         batch, sizes, moved = model.transform(images, targets)
         features = model.backbone(Tensor(batch))
         _, rpn_losses = model.rpn(features, sizes, batch.shape[-2:], moved)
@@ -366,8 +366,81 @@ def test_device_gpu_without_gpu_is_a_clear_error(capsys):
                  ["bench", "gpu"]):
         assert main(argv) == 1
         err = capsys.readouterr().err
-        assert "gpu" in err and "CuPy" in err and "minimask[gpu]" in err, err
+        assert "gpu" in err and "CuPy" in err and "minimask[gpu-cuda1" in err, err
         assert "Traceback" not in err
+
+
+@pytest.fixture
+def cupy_fails_to_import(monkeypatch):
+    """``import cupy`` raises ImportError, and the backend has not looked for CuPy yet."""
+    from minimask import backend
+
+    monkeypatch.setitem(sys.modules, "cupy", None)  # a None entry makes the import fail
+    for name, value in (("_cupy", None), ("_cupy_checked", False), ("_cupy_problem", None)):
+        monkeypatch.setattr(backend, name, value)
+    monkeypatch.setattr(backend, "_installed_cupy_wheels", lambda: [])
+    return backend
+
+
+@pytest.mark.parametrize("driver,wheel,extra", [((13, 0), "cupy-cuda13x", "gpu-cuda13"),
+                                                ((12, 4), "cupy-cuda12x", "gpu-cuda12")])
+def test_require_gpu_names_the_cupy_wheel_for_the_drivers_cuda(cupy_fails_to_import, monkeypatch, driver,
+                                                               wheel, extra):
+    backend = cupy_fails_to_import
+    monkeypatch.setattr(backend, "driver_cuda_version", lambda: driver)
+    with pytest.raises(RuntimeError) as e:
+        backend.require_gpu("--device gpu")
+    message = str(e.value)
+    assert "--device gpu asked for, but CuPy is not installed or does not load" in message
+    assert f"CUDA {driver[0]}.{driver[1]}" in message and f"minimask[{extra}]" in message and wheel in message
+    (other,) = {"cupy-cuda12x", "cupy-cuda13x"} - {wheel}
+    assert other not in message, message
+    # the other wheel installed: say to remove it (two CuPy wheels break each other)
+    monkeypatch.setattr(backend, "_installed_cupy_wheels", lambda: [other])
+    assert f"pip uninstall {other}" in backend.cupy_wheel_advice()
+
+
+def test_require_gpu_without_a_driver_lists_both_extras_and_how_to_tell(cupy_fails_to_import, monkeypatch):
+    backend = cupy_fails_to_import
+    monkeypatch.setattr(backend, "driver_cuda_version", lambda: None)
+    with pytest.raises(RuntimeError) as e:
+        backend.require_gpu("minimask bench gpu")
+    message = str(e.value)
+    assert "minimask[gpu-cuda12]" in message and "minimask[gpu-cuda13]" in message
+    assert "nvidia-smi" in message and "CUDA Version" in message and "--device cpu" in message
+    assert "driver runs CUDA 11.8 at most" in backend.cupy_wheel_advice((11, 8))
+
+
+def test_driver_cuda_version_read_from_libcuda_or_nvidia_smi(monkeypatch):
+    """cuDriverGetVersion's integer (12040 is CUDA 12.4), else nvidia-smi's header line."""
+    import ctypes
+    import shutil
+    import subprocess
+
+    from minimask import backend
+
+    class FakeLibcuda:
+        def __init__(self, name):
+            pass
+
+        def cuDriverGetVersion(self, ref):
+            ref._obj.value = 12040
+            return 0
+
+    monkeypatch.setattr(ctypes, "CDLL", FakeLibcuda)
+    assert backend.driver_cuda_version() == (12, 4)
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(ctypes, "CDLL", no_library)
+    header = ("+-----------------------------------------------------------------------------------------+\n"
+              "| NVIDIA-SMI 580.159.03             Driver Version: 580.159.03     CUDA Version: 13.0     |\n")
+    monkeypatch.setattr(shutil, "which", lambda name: "/usr/bin/nvidia-smi" if name == "nvidia-smi" else None)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: subprocess.CompletedProcess(a, 0, header, ""))
+    assert backend.driver_cuda_version() == (13, 0)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    assert backend.driver_cuda_version() is None
 
 
 # ---------------------------------------------------------------- 5. memory and benchmarks
