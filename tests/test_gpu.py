@@ -484,6 +484,34 @@ def test_memory_estimate_fits_16_gb_and_chunks_columns(monkeypatch):
     assert all(np.isfinite(list(r["losses"].values())))
 
 
+def test_bench_timing_medians_wait_for_the_device_and_skip_the_warmup(monkeypatch):
+    """A fake clock: each step advances it by its own durations; the warm-up call is not timed,
+    every reading comes after ``sync``, and the steps of ``medians_ms`` take turns."""
+    from minimask.bench import timing
+
+    clock, log = [0.0], []
+
+    def make(name, durations):
+        durations = iter(durations)
+
+        def step():
+            log.append(name)
+            clock[0] += next(durations)
+
+        def sync():
+            log.append(name + " sync")
+            clock[0] += 0.001  # the device finishing: inside the timed interval
+
+        return step, sync
+
+    monkeypatch.setattr(timing.time, "perf_counter", lambda: clock[0])
+    a, b = make("a", [9.0, 0.010, 0.030, 0.020]), make("b", [7.0, 0.1, 0.3, 0.2])
+    assert timing.medians_ms([a, b], repeat=3) == pytest.approx([21.0, 201.0])
+    assert log[:4] == ["a", "a sync", "b", "b sync"] and log[4:8] == ["a", "a sync", "b", "b sync"]
+    step, sync = make("c", [5.0, 5.0, 0.004, 0.002, 0.006, 0.008])
+    assert timing.median_ms(step, 4, sync, warmup=2) == pytest.approx(6.0)
+
+
 @pytest.mark.slow
 def test_bench_gpu_plumbing_on_the_cpu(tmp_path, monkeypatch):
     """``bench gpu`` end to end on the CPU at a small size, the model part with the small

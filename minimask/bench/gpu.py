@@ -37,14 +37,14 @@ import sys
 import numpy as np
 
 from ..backend import gpu_name, require_gpu, to_device
-from .kernels import _median_ms
+from .timing import median_ms
 
 GB = 2**30
 
 
 def _timer(sync, repeat, warmup=1):
-    """``measure(step)``: the median ms of ``step`` over ``repeat`` runs (bench kernels' timer)."""
-    return lambda step: _median_ms(step, repeat, sync, warmup)
+    """``measure(step)``: the median ms of ``step`` over ``repeat`` runs (``timing.median_ms``)."""
+    return lambda step: median_ms(step, repeat, sync, warmup)
 
 
 def padded(size, divisor=32):

@@ -15,26 +15,12 @@ timed.  On the GPU the device is synchronized before each clock reading, since k
 return before the work is done.
 """
 
-import time
-
 import numpy as np
 
 from ..backend import to_device
 from ..kernels.roi_align import roi_align_backward, roi_align_forward
 from ..kernels.roi_pool import roi_pool_backward, roi_pool_forward
-
-
-def _median_ms(step, repeat, sync, warmup=1):
-    for _ in range(warmup):  # warm-up: Numba compilation or cache load, CUDA kernel compilation
-        step()
-    sync()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        step()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * float(np.median(times))
+from .timing import median_ms
 
 
 def random_boxes(rng, n, image_h, image_w, min_size=16, max_size=512):
@@ -76,8 +62,8 @@ def main(device="cpu", repeat=5):
     args = ((7, 7), 1 / 16, 2, True)
     y = roi_align_forward(x, rois, *args)
     gy = dev(rng.standard_normal(y.shape).astype(np.float32))
-    fwd = _median_ms(lambda: roi_align_forward(x, rois, *args), repeat, sync)
-    bwd = _median_ms(lambda: roi_align_backward(gy, rois, x.shape, 1 / 16, 2, True), repeat, sync)
+    fwd = median_ms(lambda: roi_align_forward(x, rois, *args), repeat, sync)
+    bwd = median_ms(lambda: roi_align_backward(gy, rois, x.shape, 1 / 16, 2, True), repeat, sync)
     print(f"RoIAlign 512 boxes 7x7 sampling 2, map 2x256x50x84:  forward {fwd:8.2f} ms   "
           f"backward {bwd:8.2f} ms")
 
@@ -98,16 +84,16 @@ def main(device="cpu", repeat=5):
     def fpn_backward():
         return [roi_align_backward(grads[k], per_level[k], maps[k].shape, 1 / 2 ** k, 2, True) for k in maps]
 
-    fwd = _median_ms(fpn_forward, repeat, sync)
-    bwd = _median_ms(fpn_backward, repeat, sync)
+    fwd = median_ms(fpn_forward, repeat, sync)
+    bwd = median_ms(fpn_backward, repeat, sync)
     counts = ", ".join(f"P{k} {maps[k].shape[2]}x{maps[k].shape[3]}: {len(per_level[k])}" for k in maps)
     print(f"RoIAlign 512 boxes over FPN levels ({counts}):")
     print(f"    forward {fwd:8.2f} ms   backward {bwd:8.2f} ms")
 
     # ---- RoIPool on the single map -------------------------------------------------------------
     _, argmax = roi_pool_forward(x, rois, (7, 7), 1 / 16)
-    fwd = _median_ms(lambda: roi_pool_forward(x, rois, (7, 7), 1 / 16), repeat, sync)
-    bwd = _median_ms(lambda: roi_pool_backward(gy, rois, argmax, x.shape), repeat, sync)
+    fwd = median_ms(lambda: roi_pool_forward(x, rois, (7, 7), 1 / 16), repeat, sync)
+    bwd = median_ms(lambda: roi_pool_backward(gy, rois, argmax, x.shape), repeat, sync)
     print(f"RoIPool  512 boxes 7x7, map 2x256x50x84:             forward {fwd:8.2f} ms   "
           f"backward {bwd:8.2f} ms")
 
@@ -119,6 +105,6 @@ def main(device="cpu", repeat=5):
         return
     boxes = random_boxes(rng, 10000, 800, 1333, min_size=8, max_size=300)[:, 1:]
     boxes, scores = dev(boxes), dev(rng.uniform(0, 1, 10000))
-    t = _median_ms(lambda: nms(boxes, scores, 0.5), repeat, sync)
+    t = median_ms(lambda: nms(boxes, scores, 0.5), repeat, sync)
     kept = len(nms(boxes, scores, 0.5))
     print(f"NMS 10,000 boxes, IoU 0.5 ({kept} kept):                 {t:8.2f} ms")
