@@ -12,8 +12,9 @@ Conventions, as in PyTorch:
 - ``tensor.grad`` is a plain array of the tensor's shape (NumPy or CuPy), accumulated over
   ``backward`` calls until you reset it (``module.zero_grad()`` or ``t.grad = None``).
 - Only leaf tensors (made by the user, ``requires_grad=True``) keep ``.grad``.
-- After ``backward`` the graph's saved arrays are freed; a second ``backward`` through the same
-  graph raises an error unless the first used ``retain_graph=True``.
+- After ``backward`` the graph's saved arrays are freed (each Function names them with
+  ``save_for_backward``; see ``Function``); a second ``backward`` through the same graph raises
+  an error unless the first used ``retain_graph=True``.
 """
 
 import contextlib
@@ -139,8 +140,10 @@ class Tensor:
         grads = {id(self): (self, grad)}
         for f in _topological_order(self.creator):
             if f.freed:
-                raise RuntimeError(f"backward through {type(f).__name__} a second time: its saved "
-                                   "arrays were freed by the first backward (pass retain_graph=True to it)")
+                saved = ", ".join(f.saved_names) or "nothing but its inputs"
+                raise RuntimeError(f"backward through {type(f).__name__} a second time: what it saved "
+                                   f"for backward ({saved}) was freed by the first backward "
+                                   "(pass retain_graph=True to it)")
             gys = []
             for ref in f.outputs:
                 out = ref()
@@ -282,25 +285,38 @@ class Function:
     """One differentiable op: ``forward`` on arrays, ``backward`` mapping output gradients to
     input gradients.
 
-    Subclasses take their non-differentiable settings (stride, axis, ...) in ``__init__`` and
-    save whatever backward needs as attributes of ``self`` during ``forward`` (that is the
-    context).  ``backward`` receives one gradient per output and returns one per input (or
-    None for inputs that need none), each of the input's shape.  Call an instance on Tensors
-    (or arrays / Python numbers, taken as constants): ``Mul()(a, b)``.
+    A Function holds two kinds of state, kept apart so that a reader sees exactly what memory a
+    node of the graph holds until backward:
+
+    - **settings**, set in ``__init__``: plain Python values (stride, axis, eps, reduction).  They
+      stay for the node's life.  Arrays are not settings: an array the op reads (RoI boxes, a
+      loss target, frozen per-channel constants) is an *input*, passed when the Function is
+      called, as a constant when it needs no gradient (its backward returns None for it).
+    - **saved state**: everything ``backward`` reads that ``forward`` computed or was given,
+      named in one call, ``self.save_for_backward(x=x, w=w, x_shape=x.shape)``.  That sets the
+      attributes (backward reads ``self.x``) and records the names in ``saved_names``; after
+      backward, ``release()`` deletes exactly those, so the arrays are freed as soon as the
+      gradient has passed.  A Function whose backward needs nothing from forward (``Neg``,
+      ``Stack``) saves nothing and says so in a comment.
+
+    (The engine's own per-node links, ``inputs``, ``outputs`` and ``needs_input_grad``, are set
+    by ``__call__``; release replaces the inputs by stand-ins that keep no data.)  ``backward``
+    receives one gradient per output and returns one per input (or None for inputs that need
+    none), each of the input's shape.  Call an instance on Tensors (or arrays / Python numbers,
+    taken as constants): ``Mul()(a, b)``.
     """
 
     freed = False
+    saved_names = ()  # what save_for_backward recorded: the state backward reads, freed by release
 
     def __call__(self, *inputs):
         tensors = [x if isinstance(x, Tensor) else Tensor(x) for x in inputs]
-        before = set(vars(self))
         outs = self.forward(*[t.data for t in tensors])
         single = not isinstance(outs, tuple)
         outs = (outs,) if single else outs
         needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
         results = [Tensor(y, requires_grad=needs_grad) for y in outs]
         if needs_grad:
-            self.saved_names = [k for k in vars(self) if k not in before]
             self.inputs = tensors
             self.needs_input_grad = [t.requires_grad for t in tensors]
             self.outputs = [weakref.ref(r) for r in results]
@@ -309,6 +325,18 @@ class Function:
                 r.creator = self
         return results[0] if single else tuple(results)
 
+    def save_for_backward(self, **state):
+        """Keep ``state`` (name=value) for backward, as attributes of self, freed by ``release``.
+
+        A name may not shadow a setting, a method or the engine's links: release would delete it.
+        """
+        for name, value in state.items():
+            if hasattr(self, name) or name in _ENGINE_NAMES:
+                raise AttributeError(f"{type(self).__name__}.save_for_backward: {name!r} is already "
+                                     "an attribute (a setting, a method or saved once already)")
+            setattr(self, name, value)
+        self.saved_names = self.saved_names + tuple(state)
+
     def forward(self, *xs):
         raise NotImplementedError
 
@@ -316,11 +344,15 @@ class Function:
         raise NotImplementedError
 
     def release(self):
-        """Drop the arrays saved in forward, and the links to the inputs."""
+        """Drop what forward saved for backward, and the links to the inputs' data."""
         for k in self.saved_names:
             self.__dict__.pop(k, None)
         self.inputs = [_Freed(x) for x in self.inputs]
         self.freed = True
+
+
+# the links Function.__call__ sets on a node after forward: saved state may not take these names
+_ENGINE_NAMES = ("inputs", "outputs", "output_meta", "needs_input_grad")
 
 
 class _Freed:

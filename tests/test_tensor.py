@@ -131,7 +131,9 @@ def test_second_backward_on_freed_graph_raises():
     x = Tensor(np.ones(3), requires_grad=True)
     y = (x * x).sum()
     y.backward()
-    with pytest.raises(RuntimeError, match="second time"):
+    # the message names the op and what it had saved, and the way out
+    with pytest.raises(RuntimeError, match=r"Sum a second time: what it saved for backward \(in_shape\) "
+                                           r"was freed.*retain_graph=True"):
         y.backward()
 
 
@@ -141,6 +143,168 @@ def test_retain_graph_allows_second_backward():
     y.backward(retain_graph=True)
     y.backward()
     np.testing.assert_allclose(x.grad, 4.0)
+
+
+# ---- saved state: what a node holds until backward, and its release -----------------------
+def _arrays_held(f):
+    """Names of the attributes of Function ``f`` that hold an array (directly or in a list/tuple)."""
+    def has_array(v):
+        if isinstance(v, (list, tuple)):
+            return any(has_array(u) for u in v)
+        return isinstance(v, np.ndarray) or isinstance(v, Tensor)
+    return sorted(k for k, v in vars(f).items() if k != "inputs" and has_array(v))
+
+
+def _functions(root):
+    """Every Function of the graph that made ``root`` (walked before backward releases it)."""
+    found, stack = {}, [root.creator]
+    while stack:
+        f = stack.pop()
+        if f is None or id(f) in found:
+            continue
+        found[id(f)] = f
+        stack.extend(x.creator for x in f.inputs)
+    return list(found.values())
+
+
+def _function_classes():
+    """Every Function subclass defined in minimask (minimask.functional and anything it imports)."""
+    import minimask.functional  # noqa: F401 - defines the subclasses
+
+    classes, stack = set(), [mm.Function]
+    while stack:
+        for sub in stack.pop().__subclasses__():
+            if sub.__module__.startswith("minimask."):
+                classes.add(sub)
+            stack.append(sub)
+    return classes
+
+
+def _small_detector_graph(rng):
+    """A loss through one of each kind of op a Mask R-CNN step uses (float64, all inputs leaves)."""
+    x = t64(rng, 2, 3, 8, 8)
+    w, b = t64(rng, 4, 3, 3, 3), t64(rng, 4)
+    gamma, beta = t64(rng, 4), t64(rng, 4)
+    running_mean, running_var = np.zeros(4), np.ones(4)
+    rois = np.array([[0, 0.5, 1.0, 6.0, 7.5], [1, 2.0, 1.5, 7.0, 5.0], [1, 0.0, 0.0, 3.0, 3.0]])
+    fc = t64(rng, 5, 4 * 3 * 3)
+    y = F.conv2d(x, w, b, padding=1)
+    y = F.batch_norm(y, running_mean, running_var, gamma, beta, training=True)
+    y = F.relu(y)
+    y = F.max_pool2d(y, 2, stride=1)
+    y = F.interpolate(y, size=(9, 10), mode="bilinear")
+    y = F.frozen_batch_norm(y, np.zeros(4), np.ones(4), np.full(4, 2.0), np.zeros(4))
+    feats = F.roi_align(y, rois, 3, spatial_scale=1.0, sampling_ratio=2)
+    logits = F.flatten(feats, 1) @ fc.T
+    loss = F.cross_entropy(logits, np.array([1, 4, -1])) + F.smooth_l1_loss(
+        F.sigmoid(logits[:, :2]), rng.standard_normal((3, 2)), beta=0.5)
+    return loss, [x, w, b, gamma, beta, fc]
+
+
+def test_backward_frees_every_array_a_node_saved(rng):
+    """After backward no Function of the graph holds an array: what each named with
+    save_for_backward is gone, its inputs are stand-ins without data (the RoI boxes and the loss
+    target too, which are constant inputs), and only plain settings (stride, eps) remain."""
+    loss, leaves = _small_detector_graph(rng)
+    nodes = _functions(loss)
+    kinds = {type(f).__name__ for f in nodes}
+    assert {"Conv2dFn", "BatchNormTrain", "ReLU", "MaxPool2dFn", "BilinearResize", "FrozenBatchNorm",
+            "RoIAlignFn", "Reshape", "MatMul", "CrossEntropy", "SmoothL1", "Sigmoid", "GetItem"} <= kinds
+    before = {id(f): _arrays_held(f) for f in nodes}
+    assert type(loss.creator).__name__ == "Add" and before[id(loss.creator)] == []  # it saved shapes only
+    for f in nodes:
+        assert set(before[id(f)]) <= set(f.saved_names), type(f).__name__  # every array it holds is named
+    assert any(before.values())
+    loss.backward()
+    for f in nodes:
+        assert f.freed and _arrays_held(f) == [], (type(f).__name__, _arrays_held(f))
+        assert not any(hasattr(f, k) for k in f.saved_names), type(f).__name__
+        assert all(not hasattr(x, "data") for x in f.inputs)  # _Freed stand-ins
+    assert all(t.grad is not None for t in leaves)
+
+
+def _one_call_per_function_class(rng):
+    """(class name, loss) pairs: a small graph through each Function subclass of minimask."""
+    x4, x2 = t64(rng, 2, 3, 6, 6), t64(rng, 3, 4)
+    pos = t64(rng, 3, 4, positive=True)
+    w4 = t64(rng, 3, 3, 3, 3)
+    rois = np.array([[0, 0.5, 1.0, 5.0, 4.5], [1, 1.0, 0.0, 5.5, 5.0]])
+    c = np.ones(3)
+    return [
+        ("Add", x2 + pos), ("Sub", x2 - pos), ("Mul", x2 * pos), ("Div", x2 / pos), ("Neg", -x2),
+        ("Pow", x2 ** 3), ("Exp", x2.exp()), ("Log", pos.log()), ("Sqrt", F.sqrt(pos)), ("Abs", F.abs(x2)),
+        ("Cast", x2.astype(np.float32)), ("Sum", x2.sum(axis=1)), ("MatMul", x2 @ pos.T),
+        ("Reshape", x2.reshape(12)), ("Transpose", x2.T), ("GetItem", x2[x2.data > 0]),
+        ("Concat", F.concat([x2, pos], axis=1)), ("Stack", F.stack([x2, pos])),
+        ("Pad", F.pad2d(x4, (1, 0, 0, 1))),
+        ("ReLU", F.relu(x2)), ("Sigmoid", F.sigmoid(x2)), ("Softmax", F.softmax(x2)),
+        ("LogSoftmax", F.log_softmax(x2)), ("Linear", F.linear(x2, pos, t64(rng, 3))),
+        ("Conv2dFn", F.conv2d(x4, w4, stride=2)), ("ConvTranspose2dFn", F.conv_transpose2d(x4, w4, stride=2)),
+        ("MaxPool2dFn", F.max_pool2d(x4, 3, 1, 1)),
+        ("BatchNormTrain", F.batch_norm(x4, None, None, training=True)),
+        ("BatchNormEval", F.batch_norm(x4, np.zeros(3), c, c, c)),
+        ("FrozenBatchNorm", F.frozen_batch_norm(x4, np.zeros(3), c, c, c)),
+        ("NearestResize", F.interpolate(x4, size=(7, 9))),
+        ("BilinearResize", F.interpolate(x4, size=(4, 9), mode="bilinear")),
+        ("CrossEntropy", F.cross_entropy(x2, np.array([0, 3, -1]))),
+        ("BinaryCrossEntropyWithLogits", F.binary_cross_entropy_with_logits(x2, rng.random((3, 4)))),
+        ("SmoothL1", F.smooth_l1_loss(x2, rng.standard_normal((3, 4)))),
+        ("RoIAlignFn", F.roi_align(x4, rois, 2)), ("RoIPoolFn", F.roi_pool(x4, rois, 2)),
+    ]
+
+
+def test_every_function_class_releases_exactly(rng):
+    """Each Function subclass of minimask, through one call: before backward every array it
+    holds is named in saved_names; after backward none is left."""
+    cases = _one_call_per_function_class(rng)
+    assert {name for name, _ in cases} == {c.__name__ for c in _function_classes()}  # a new one needs a case
+    for name, y in cases:
+        f = y.creator
+        assert type(f).__name__ == name
+        assert set(_arrays_held(f)) <= set(f.saved_names), name
+        y.backward(rng.standard_normal(y.shape).astype(y.dtype))
+        assert f.freed and _arrays_held(f) == [], (name, _arrays_held(f))
+
+
+def test_retain_graph_keeps_the_saved_state(rng):
+    loss, leaves = _small_detector_graph(rng)
+    nodes = _functions(loss)
+    held = {id(f): _arrays_held(f) for f in nodes}
+    loss.backward(retain_graph=True)
+    first = [t.grad.copy() for t in leaves]
+    for f in nodes:
+        assert not f.freed and _arrays_held(f) == held[id(f)], type(f).__name__
+    for t in leaves:
+        t.grad = None
+    loss.backward()  # the same graph again: the same gradients
+    for t, g in zip(leaves, first):
+        np.testing.assert_array_equal(t.grad, g)
+    assert all(f.freed and _arrays_held(f) == [] for f in nodes)
+    with pytest.raises(RuntimeError, match="a second time"):
+        loss.backward()
+
+
+def test_save_for_backward_refuses_to_shadow_a_setting():
+    """release deletes what was saved, so saving under a setting's (or the engine's) name would
+    lose the setting: refused."""
+    class Scale(mm.Function):
+        def __init__(self, k):
+            self.k = k
+
+        def forward(self, x):
+            self.save_for_backward(k=x)
+            return x * self.k
+
+    with pytest.raises(AttributeError, match="'k' is already an attribute"):
+        Scale(2.0)(Tensor(np.ones(2), requires_grad=True))
+
+    class Inputs(mm.Function):
+        def forward(self, x):
+            self.save_for_backward(inputs=x)
+            return x
+
+    with pytest.raises(AttributeError, match="'inputs'"):
+        Inputs()(Tensor(np.ones(2), requires_grad=True))
 
 
 def test_intermediate_dropped_by_user_still_gets_gradient():
@@ -178,7 +342,7 @@ def test_default_dtype_is_float32_and_float64_is_kept():
 def test_gradcheck_catches_a_wrong_backward():
     class WrongSquare(mm.Function):
         def forward(self, x):
-            self.x = x
+            self.save_for_backward(x=x)
             return x * x
 
         def backward(self, gy):

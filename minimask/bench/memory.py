@@ -2,15 +2,17 @@
 
 ``minimask bench memory [--batch 2] [--size 800x1333]`` answers "does a step fit my GPU?"
 without a GPU.  It runs one real training forward of the ``r50_fpn`` preset on the CPU with the
-convolutions replaced by a stand-in that only records their shapes and returns zeros of the
-right size (the other ops run for real, on zeros), so it takes seconds, not minutes, and prints:
+convolutions shape-only (``functional.conv.shapes_only``: they record their shapes and return
+zeros of the right size; the other ops run for real, on zeros), so it takes seconds, not
+minutes, and prints:
 
 1. every convolution of the step with its im2col column matrix: the full size (what one GEMM
    over the whole batch would need) and the largest chunk actually built with the GPU's chunk
    budget (``functional/conv.py``: columns are built a few images, or a band of output rows,
    at a time, at most ``CHUNK_BYTES["gpu"]`` each, and rebuilt in backward instead of kept);
 2. the arrays the autograd graph holds for backward when the forward is done (inputs and
-   saved arrays of every Function, each buffer counted once): the activations;
+   what every Function named with ``save_for_backward``, each buffer counted once): the
+   activations;
 3. an estimate of the step's peak: weights, gradients and momentum + activations + the
    largest column chunk + the largest activation gradient in flight, against 16 GB.
 
@@ -18,7 +20,6 @@ The paper's setting (Sec. 3.1): images resized to a shorter side of 800 (longer 
 two per GPU.  800x1333 pads to 800x1344 (a multiple of 32).
 """
 
-import contextlib
 import dataclasses
 
 import numpy as np
@@ -44,7 +45,8 @@ def _graph_arrays(roots):
         if id(f) in seen_f:
             continue
         seen_f.add(id(f))
-        values = [x.data for x in f.inputs] + [getattr(f, k, None) for k in getattr(f, "saved_names", [])]
+        # what a node holds until backward: its inputs, and the state it named in save_for_backward
+        values = [x.data for x in f.inputs] + [getattr(f, k) for k in f.saved_names]
         for v in values:
             v = v.data if isinstance(v, Tensor) else v
             if isinstance(v, np.ndarray):
@@ -54,40 +56,15 @@ def _graph_arrays(roots):
     return found
 
 
-@contextlib.contextmanager
-def _recording_convs(record):
-    """Replace the conv products by shape-only stand-ins that append to ``record``."""
-    from ..functional import conv
-
-    saved = conv.conv_forward, conv.conv_grad_input
-
-    def forward(x, w, stride, padding, dilation):
-        g = conv.ConvGeometry(x.shape[2:], w.shape[2:], stride, padding, dilation)
-        record.append(("conv", x.shape, w.shape, stride, padding, dilation, g))
-        return np.zeros((x.shape[0], w.shape[0], g.ho, g.wo), dtype=x.dtype)
-
-    def grad_input(gy, w, x_shape, stride, padding, dilation):  # conv_transpose2d's forward
-        g = conv.ConvGeometry(x_shape[2:], w.shape[2:], stride, padding, dilation)
-        record.append(("deconv", x_shape, w.shape, stride, padding, dilation, g))
-        return np.zeros(x_shape, dtype=gy.dtype)
-
-    conv.conv_forward, conv.conv_grad_input = forward, grad_input
-    try:
-        yield
-    finally:
-        conv.conv_forward, conv.conv_grad_input = saved
-
-
 def column_sizes(kind, x_shape, w_shape, g, itemsize=4, device="gpu"):
     """(full, chunk) bytes of the column matrices of one conv (forward and both gradients).
 
     For a conv the columns have C kh kw rows (C = input channels); for a transposed conv the
     roles swap (its forward is conv2d's input gradient: columns of its *output* channels).
-    The chunk is the largest block ``functional/conv._chunks`` builds under ``device``'s budget.
+    The chunk is the largest block ``functional.conv.column_chunks`` builds under ``device``'s budget.
     """
-    from ..functional.conv import _chunks
+    from ..functional.conv import column_chunks
 
-    xp = np if device == "cpu" else None  # _chunks only asks "is it NumPy?"
     if kind == "conv":
         n, c = x_shape[0], x_shape[1]
     else:
@@ -96,7 +73,8 @@ def column_sizes(kind, x_shape, w_shape, g, itemsize=4, device="gpu"):
         return 0, 0
     per_row = c * g.kh * g.kw * g.wo * itemsize
     full = n * g.ho * per_row
-    chunk = max((n1 - n0) * (u1 - u0) * per_row for n0, n1, u0, u1 in _chunks(n, g, c, itemsize, xp))
+    chunk = max((n1 - n0) * (u1 - u0) * per_row
+                for n0, n1, u0, u1 in column_chunks(n, g, c, itemsize, device))
     return full, chunk
 
 
@@ -122,6 +100,7 @@ def _synthetic_batch(n, height, width, seed=0, num_classes=81):
 
 def estimate(batch=2, size=(800, 1333), config="r50_fpn", budget=16 * GB):
     """Run the shape-only step and return a dict of the numbers printed by ``main``."""
+    from ..functional.conv import shapes_only
     from ..models import MaskRCNN, preset
 
     # Images of ``size`` are taken as they are (800x1333 is the paper's resized size already).
@@ -130,7 +109,7 @@ def estimate(batch=2, size=(800, 1333), config="r50_fpn", budget=16 * GB):
     model.train()
     images, targets = _synthetic_batch(batch, *size, num_classes=cfg.num_classes)
     record = []
-    with _recording_convs(record):
+    with shapes_only(record):  # convolutions record their shapes and return zeros
         losses = model(images, targets)
     convs = []
     for kind, x_shape, w_shape, stride, padding, dilation, g in record:

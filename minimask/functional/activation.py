@@ -29,7 +29,7 @@ class ReLU(Function):
     """y = max(x, 0);  dx = gy where x > 0, else 0 (the kink at 0 gets 0, as in PyTorch)."""
 
     def forward(self, x):
-        self.positive = x > 0
+        self.save_for_backward(positive=x > 0)  # a bool mask, a quarter of x's float32 bytes
         return get_array_module(x).maximum(x, 0)  # a Python 0 keeps x's dtype
 
     def backward(self, gy):
@@ -40,8 +40,9 @@ class Sigmoid(Function):
     """y = 1 / (1 + e^-x);  dx = gy * y * (1 - y)."""
 
     def forward(self, x):
-        self.y = stable_sigmoid(x)
-        return self.y
+        y = stable_sigmoid(x)
+        self.save_for_backward(y=y)  # the output: dy/dx = y (1 - y), no need to keep x
+        return y
 
     def backward(self, gy):
         return gy * self.y * (1 - self.y)
@@ -57,8 +58,9 @@ class Softmax(Function):
     def forward(self, x):
         xp = get_array_module(x)
         e = xp.exp(x - x.max(axis=self.axis, keepdims=True))
-        self.y = e / e.sum(axis=self.axis, keepdims=True)
-        return self.y
+        y = e / e.sum(axis=self.axis, keepdims=True)
+        self.save_for_backward(y=y)
+        return y
 
     def backward(self, gy):
         y = self.y
@@ -80,7 +82,7 @@ class LogSoftmax(Function):
         xp = get_array_module(x)
         shifted = x - x.max(axis=self.axis, keepdims=True)
         y = shifted - xp.log(xp.exp(shifted).sum(axis=self.axis, keepdims=True))
-        self.y = y
+        self.save_for_backward(y=y)
         return y
 
     def backward(self, gy):

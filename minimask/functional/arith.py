@@ -36,7 +36,7 @@ class Add(Function):
     """y = a + b;  da = gy, db = gy (summed back over broadcast axes)."""
 
     def forward(self, a, b):
-        self.shapes = a.shape, b.shape
+        self.save_for_backward(shapes=(a.shape, b.shape))  # only the shapes, to undo broadcasting
         return a + b
 
     def backward(self, gy):
@@ -47,7 +47,7 @@ class Sub(Function):
     """y = a - b;  da = gy, db = -gy."""
 
     def forward(self, a, b):
-        self.shapes = a.shape, b.shape
+        self.save_for_backward(shapes=(a.shape, b.shape))
         return a - b
 
     def backward(self, gy):
@@ -58,7 +58,7 @@ class Mul(Function):
     """y = a * b;  da = gy * b, db = gy * a."""
 
     def forward(self, a, b):
-        self.a, self.b = a, b
+        self.save_for_backward(a=a, b=b)
         return a * b
 
     def backward(self, gy):
@@ -71,7 +71,7 @@ class Div(Function):
     """y = a / b;  da = gy / b, db = -gy * a / b^2."""
 
     def forward(self, a, b):
-        self.a, self.b = a, b
+        self.save_for_backward(a=a, b=b)
         return a / b
 
     def backward(self, gy):
@@ -84,7 +84,7 @@ class Neg(Function):
     """y = -x;  dx = -gy."""
 
     def forward(self, x):
-        return -x
+        return -x  # saves nothing: the gradient of -x does not depend on x
 
     def backward(self, gy):
         return -gy
@@ -97,7 +97,7 @@ class Pow(Function):
         self.c = c
 
     def forward(self, x):
-        self.x = x
+        self.save_for_backward(x=x)
         return x ** self.c
 
     def backward(self, gy):
@@ -108,8 +108,9 @@ class Exp(Function):
     """y = e^x;  dx = gy * y."""
 
     def forward(self, x):
-        self.y = get_array_module(x).exp(x)
-        return self.y
+        y = get_array_module(x).exp(x)
+        self.save_for_backward(y=y)  # the output: d(e^x)/dx = e^x, no need to keep x
+        return y
 
     def backward(self, gy):
         return gy * self.y
@@ -119,7 +120,7 @@ class Log(Function):
     """y = ln x;  dx = gy / x."""
 
     def forward(self, x):
-        self.x = x
+        self.save_for_backward(x=x)
         return get_array_module(x).log(x)
 
     def backward(self, gy):
@@ -130,8 +131,9 @@ class Sqrt(Function):
     """y = sqrt(x);  dx = gy / (2 y)."""
 
     def forward(self, x):
-        self.y = get_array_module(x).sqrt(x)
-        return self.y
+        y = get_array_module(x).sqrt(x)
+        self.save_for_backward(y=y)
+        return y
 
     def backward(self, gy):
         return gy / (2 * self.y)
@@ -141,7 +143,7 @@ class Abs(Function):
     """y = |x|;  dx = gy * sign(x) (0 at the kink)."""
 
     def forward(self, x):
-        self.x = x
+        self.save_for_backward(x=x)
         return get_array_module(x).abs(x)
 
     def backward(self, gy):
@@ -155,7 +157,7 @@ class Cast(Function):
         self.dtype = dtype
 
     def forward(self, x):
-        self.in_dtype = x.dtype
+        self.save_for_backward(in_dtype=x.dtype)
         return x.astype(self.dtype)
 
     def backward(self, gy):
@@ -169,7 +171,7 @@ class Sum(Function):
         self.axis, self.keepdims = axis, keepdims
 
     def forward(self, x):
-        self.in_shape = x.shape
+        self.save_for_backward(in_shape=x.shape)
         return x.sum(axis=self.axis, keepdims=self.keepdims)
 
     def backward(self, gy):
@@ -186,7 +188,7 @@ class MatMul(Function):
     """y = a @ b (2-D, or batched with broadcasting);  da = gy @ b^T, db = a^T @ gy."""
 
     def forward(self, a, b):
-        self.a, self.b = a, b
+        self.save_for_backward(a=a, b=b)
         return a @ b
 
     def backward(self, gy):

@@ -67,9 +67,11 @@ max_pool2d takes the maximum over each window with -inf padding; its gradient go
 arg-max only (the first one in row-major window order on ties, as PyTorch).
 """
 
+import contextlib
+
 import numpy as np
 
-from ..backend import get_array_module
+from ..backend import device_of, get_array_module
 from ..tensor import Function
 
 
@@ -185,12 +187,17 @@ def _scatter_add(gxpad, cols, g, u0, u1):
 CHUNK_BYTES = {"cpu": 2 * 2**20, "gpu": 512 * 2**20}
 
 
-def _chunks(n, g, channels, itemsize, xp):
-    """(n0, n1, u0, u1) blocks of images n0:n1 and output rows u0:u1 covering the output."""
+def column_chunks(n, g, channels, itemsize, device):
+    """(n0, n1, u0, u1) blocks of images n0:n1 and output rows u0:u1 covering the output of a
+    conv of geometry ``g`` over ``n`` images of ``channels`` channels, each block's columns at
+    most ``CHUNK_BYTES[device]`` (``device`` "cpu" or "gpu"; a single output row may exceed it).
+
+    The conv products below build their columns in these blocks; ``minimask bench memory``
+    reads them to size the largest column buffer of a step."""
     if g.pointwise:  # no column buffer at all
         yield 0, n, 0, g.ho
         return
-    budget = CHUNK_BYTES["cpu" if xp is np else "gpu"]
+    budget = CHUNK_BYTES[device]
     row_bytes = channels * g.kh * g.kw * g.wo * itemsize
     if g.ho * row_bytes <= budget:  # whole images, as many as fit
         step = max(1, budget // (g.ho * row_bytes))
@@ -228,9 +235,11 @@ def conv_forward(x, w, stride, padding, dilation):
     n, c = x.shape[:2]
     o = w.shape[0]
     g = ConvGeometry(x.shape[2:], w.shape[2:], stride, padding, dilation)
+    if _shapes_only is not None:
+        return _record("conv", x.shape, w.shape, stride, padding, dilation, g, (n, o, g.ho, g.wo), x.dtype)
     xpad, w2 = _pad(x, padding), w.reshape(o, -1)
     y = xp.empty((n, o, g.ho, g.wo), dtype=x.dtype)
-    for n0, n1, u0, u1 in _chunks(n, g, c, x.itemsize, xp):
+    for n0, n1, u0, u1 in column_chunks(n, g, c, x.itemsize, device_of(x)):
         cols = _gather(xpad[n0:n1], g, u0, u1)
         if u1 - u0 == g.ho:  # whole images: the GEMM writes straight into y
             xp.matmul(w2, cols, out=y[n0:n1].reshape(n1 - n0, o, g.ho * g.wo))
@@ -247,7 +256,7 @@ def conv_grad_weight(x, gy, kernel, stride, padding, dilation):
     g = ConvGeometry(x.shape[2:], kernel, stride, padding, dilation)
     xpad = _pad(x, padding)
     gw_t = xp.zeros((c * g.kh * g.kw, o), dtype=x.dtype)  # transposed: the faster GEMM shape
-    for n0, n1, u0, u1 in _chunks(n, g, c, x.itemsize, xp):
+    for n0, n1, u0, u1 in column_chunks(n, g, c, x.itemsize, device_of(x)):
         cols = _gather(xpad[n0:n1], g, u0, u1)
         g3 = gy[n0:n1, :, u0:u1].reshape(n1 - n0, o, -1)
         for q in range(n1 - n0):
@@ -261,14 +270,45 @@ def conv_grad_input(gy, w, x_shape, stride, padding, dilation):
     n, c, h, wd = x_shape
     o = w.shape[0]
     g = ConvGeometry((h, wd), w.shape[2:], stride, padding, dilation)
+    if _shapes_only is not None:
+        return _record("deconv", x_shape, w.shape, stride, padding, dilation, g, x_shape, gy.dtype)
     if g.pointwise:  # nothing to scatter: every pixel was read exactly once
         return (w.reshape(o, c).T @ gy.reshape(n, o, h * wd)).reshape(x_shape)
     gxpad = xp.zeros((n, c, h + 2 * padding[0], wd + 2 * padding[1]), dtype=gy.dtype)
     w2_t = w.reshape(o, -1).T
-    for n0, n1, u0, u1 in _chunks(n, g, c, gy.itemsize, xp):
+    for n0, n1, u0, u1 in column_chunks(n, g, c, gy.itemsize, device_of(gy)):
         g3 = gy[n0:n1, :, u0:u1].reshape(n1 - n0, o, -1)
         _scatter_add(gxpad[n0:n1], w2_t @ g3, g, u0, u1)
     return _unpad(gxpad, padding, h, wd)
+
+
+# ---- shape-only runs: what ``minimask bench memory`` measures ------------------------------
+_shapes_only = None  # the list shapes_only() appends to while it is active
+
+
+@contextlib.contextmanager
+def shapes_only(record):
+    """Inside this block ``conv_forward`` and ``conv_grad_input`` (so conv2d and
+    conv_transpose2d) skip their products: each returns zeros of its output's shape and appends
+    ``(kind, x_shape, w_shape, stride, padding, dilation, geometry)`` to ``record``, kind
+    "conv" for conv_forward and "deconv" for conv_grad_input (conv_transpose2d's forward; its
+    x_shape is then the shape of the conv whose adjoint it is, i.e. the deconv's output).
+
+    ``minimask bench memory`` runs a whole R50-FPN training forward this way on the CPU, in
+    seconds, to size the column matrices and activations of a GPU step.  The numbers that come
+    out are meaningless; not for training, and not thread-safe (one module-level switch).
+    """
+    global _shapes_only
+    old, _shapes_only = _shapes_only, record
+    try:
+        yield record
+    finally:
+        _shapes_only = old
+
+
+def _record(kind, x_shape, w_shape, stride, padding, dilation, g, out_shape, dtype):
+    _shapes_only.append((kind, x_shape, w_shape, stride, padding, dilation, g))
+    return np.zeros(out_shape, dtype=dtype)
 
 
 # ---- conv2d --------------------------------------------------------------------------------
@@ -302,7 +342,8 @@ class Conv2dFn(Function):
 
     def forward(self, x, w, b=None):
         self._check(x, w, b)
-        self.x, self.w, self.has_bias = x, w, b is not None
+        # x and w, not the columns: backward rebuilds those (they are kh*kw times x's size)
+        self.save_for_backward(x=x, w=w, has_bias=b is not None)
         args = self.stride, self.padding, self.dilation
         y = _shift_forward(x, w, *args) if self.method == "shift" else conv_forward(x, w, *args)
         if b is not None:
@@ -424,7 +465,7 @@ class ConvTranspose2dFn(Function):
         if ho < 1 or wo < 1:
             raise ValueError(f"conv_transpose2d: padding {self.padding} is too large for input "
                              f"{h}x{wd} and kernel {kh}x{kw}: the output would be {ho}x{wo}")
-        self.x, self.w, self.has_bias = x, w, b is not None
+        self.save_for_backward(x=x, w=w, has_bias=b is not None)
         y = conv_grad_input(x, w, (n, cout, ho, wo), self.stride, self.padding, (1, 1))
         if b is not None:
             y += b.reshape(1, cout, 1, 1)
@@ -484,7 +525,7 @@ class MaxPool2dFn(Function):
                 better = v > y
                 y = xp.where(better, v, y)
                 arg = xp.where(better, np.int32(i * g.kw + j), arg)
-        self.arg, self.geometry, self.x_shape = arg, g, x.shape
+        self.save_for_backward(arg=arg, geometry=g, x_shape=x.shape)  # int32 winners, not the padded x
         return y
 
     def backward(self, gy):

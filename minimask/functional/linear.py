@@ -20,7 +20,7 @@ class Linear(Function):
                              f"{w.shape} expects {w.shape[1]} (weight is (out, in))")
         if b is not None and b.shape != (w.shape[0],):
             raise ValueError(f"linear: bias of shape {b.shape}, expected ({w.shape[0]},)")
-        self.x, self.w, self.has_bias = x, w, b is not None
+        self.save_for_backward(x=x, w=w, has_bias=b is not None)
         y = x @ w.T
         return y + b if b is not None else y
 

@@ -50,30 +50,30 @@ class CrossEntropy(Function):
     """loss_i = -log softmax(z_i)[t_i] = logsumexp(z_i) - z_i[t_i] for rows with t_i != ignore;
 
     dz_i = (softmax(z_i) - onehot(t_i)) * g_i, g_i the upstream gradient of row i
-    (gy / number of kept rows for the mean, 0 for ignored rows).
+    (gy / number of kept rows for the mean, 0 for ignored rows).  ``t`` is a constant input.
     """
 
-    def __init__(self, target, ignore_index, reduction):
-        self.target, self.ignore_index, self.reduction = target, ignore_index, reduction
+    def __init__(self, ignore_index, reduction):
+        self.ignore_index, self.reduction = ignore_index, reduction
 
-    def forward(self, z):
+    def forward(self, z, target):
         xp = get_array_module(z)
         n = z.shape[0]
-        self.valid = self.target != self.ignore_index
-        self.safe_t = xp.where(self.valid, self.target, 0)  # any in-range index for ignored rows
+        valid = target != self.ignore_index
+        safe_t = xp.where(valid, target, 0)  # any in-range index for ignored rows
         shifted = z - z.max(axis=1, keepdims=True)  # stable: exp of numbers <= 0
         log_p = shifted - xp.log(xp.exp(shifted).sum(axis=1, keepdims=True))
-        self.rows = xp.arange(n)
-        nll = xp.where(self.valid, -log_p[self.rows, self.safe_t], 0).astype(z.dtype)
-        self.probs = xp.exp(log_p)
-        self.count = self.valid.sum()
-        return _reduce(nll, self.reduction, self.count)
+        rows = xp.arange(n)
+        nll = xp.where(valid, -log_p[rows, safe_t], 0).astype(z.dtype)
+        count = valid.sum()
+        self.save_for_backward(valid=valid, safe_t=safe_t, rows=rows, probs=xp.exp(log_p), count=count)
+        return _reduce(nll, self.reduction, count)
 
     def backward(self, gy):
         g_rows = _upstream(gy, self.reduction, self.count, self.valid.shape) * self.valid
         gz = self.probs.copy()
         gz[self.rows, self.safe_t] -= 1  # one index per row: a plain assignment is exact
-        return gz * g_rows[:, None].astype(gz.dtype)
+        return gz * g_rows[:, None].astype(gz.dtype), None
 
 
 class BinaryCrossEntropyWithLogits(Function):
@@ -91,7 +91,7 @@ class BinaryCrossEntropyWithLogits(Function):
     def forward(self, x, t):
         xp = get_array_module(x)
         t = t.astype(x.dtype, copy=False)
-        self.x, self.t = x, t
+        self.save_for_backward(x=x, t=t)
         loss = xp.maximum(x, 0) - x * t + xp.log1p(xp.exp(-xp.abs(x)))
         return _reduce(loss, self.reduction, x.size)
 
@@ -117,12 +117,12 @@ class SmoothL1(Function):
         d = x - t.astype(x.dtype, copy=False)
         ad = xp.abs(d)
         if self.beta == 0:  # no quadratic piece (and no division by beta = 0)
-            self.small = xp.zeros(d.shape, dtype=bool)
             loss = ad
+            self.save_for_backward(d=d)
         else:
-            self.small = ad < self.beta
-            loss = xp.where(self.small, 0.5 * d * d / self.beta, ad - 0.5 * self.beta)
-        self.d = d
+            small = ad < self.beta
+            loss = xp.where(small, 0.5 * d * d / self.beta, ad - 0.5 * self.beta)
+            self.save_for_backward(d=d, small=small)
         return _reduce(loss.astype(x.dtype, copy=False), self.reduction, x.size)
 
     def backward(self, gy):
@@ -161,7 +161,7 @@ def cross_entropy(logits, target, ignore_index=-1, reduction="mean"):
         first = int(target[bad][0])
         raise ValueError(f"cross_entropy: target {first} is outside 0..{k - 1} "
                          f"(and is not ignore_index={ignore_index})")
-    return CrossEntropy(target, ignore_index, reduction)(logits)
+    return CrossEntropy(ignore_index, reduction)(logits, target)
 
 
 def binary_cross_entropy_with_logits(logits, target, reduction="mean"):

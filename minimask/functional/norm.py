@@ -45,21 +45,30 @@ class BatchNormTrain(Function):
 
     (sums over the n values of each channel).  The two subtracted terms are the paths through
     mu and s2: every x moves the mean and variance that all the other outputs were divided by.
+
+    ``running_mean`` and ``running_var`` come in as constant inputs and forward updates them in
+    place with mu and s2 (as PyTorch's batch_norm does), so that the statistics are not kept on
+    the node for the caller to read: it saves only what backward needs.
     """
 
-    def __init__(self, eps):
-        self.eps = eps
+    def __init__(self, eps, momentum):
+        self.eps, self.momentum = eps, momentum
 
-    def forward(self, x, weight, bias):
+    def forward(self, x, weight, bias, running_mean, running_var):
         xp = get_array_module(x)
         axes, shape = _reduce_axes(x), _channel_shape(x)
-        self.mean = x.mean(axis=axes, keepdims=True)
-        centered = x - self.mean
-        self.var = (centered * centered).mean(axis=axes, keepdims=True)  # biased: divide by n
-        self.inv_std = 1 / xp.sqrt(self.var + self.eps)
-        self.xhat = centered * self.inv_std
-        self.weight = weight.reshape(shape)
-        return self.xhat * self.weight + bias.reshape(shape)
+        mean = x.mean(axis=axes, keepdims=True)
+        centered = x - mean
+        var = (centered * centered).mean(axis=axes, keepdims=True)  # biased: divide by n
+        inv_std = 1 / xp.sqrt(var + self.eps)
+        xhat = centered * inv_std
+        weight = weight.reshape(shape)
+        # The running statistics are statistics, not part of the graph: no gradient flows into them.
+        n = x.size // x.shape[1]  # values per channel
+        for arr, batch_value in ((running_mean, mean), (running_var, var * (n / (n - 1)))):
+            arr[...] = (1 - self.momentum) * arr + self.momentum * batch_value.reshape(-1).astype(arr.dtype)
+        self.save_for_backward(xhat=xhat, inv_std=inv_std, weight=weight)
+        return xhat * weight + bias.reshape(shape)
 
     def backward(self, gy):
         axes, xhat = _reduce_axes(gy), self.xhat
@@ -74,47 +83,47 @@ class BatchNormTrain(Function):
             gw = (gy * xhat).sum(axis=axes)
         if self.needs_input_grad[2]:
             gb = gy.sum(axis=axes)
-        return gx, gw, gb
+        return gx, gw, gb, None, None
 
 
 class BatchNormEval(Function):
     """Running statistics, held fixed:  y = xhat * weight + bias, xhat = (x - mean) / sqrt(var + eps);
 
     dx = gy * weight / sqrt(var + eps),  dweight = sum(gy * xhat),  dbias = sum(gy).
+    ``mean`` and ``var`` are constant inputs.
     """
 
-    def __init__(self, mean, var, eps):
-        self.run_mean, self.run_var, self.eps = mean, var, eps
+    def __init__(self, eps):
+        self.eps = eps
 
-    def forward(self, x, weight, bias):
+    def forward(self, x, weight, bias, mean, var):
         xp = get_array_module(x)
         shape = _channel_shape(x)
-        self.inv_std = 1 / xp.sqrt(self.run_var.astype(x.dtype).reshape(shape) + self.eps)
-        self.xhat = (x - self.run_mean.astype(x.dtype).reshape(shape)) * self.inv_std
-        self.weight = weight.reshape(shape)
-        return self.xhat * self.weight + bias.reshape(shape)
+        inv_std = 1 / xp.sqrt(var.astype(x.dtype).reshape(shape) + self.eps)
+        xhat = (x - mean.astype(x.dtype).reshape(shape)) * inv_std
+        weight = weight.reshape(shape)
+        self.save_for_backward(xhat=xhat, inv_std=inv_std, weight=weight)
+        return xhat * weight + bias.reshape(shape)
 
     def backward(self, gy):
         axes = _reduce_axes(gy)
         gx = gy * (self.weight * self.inv_std) if self.needs_input_grad[0] else None
         gw = (gy * self.xhat).sum(axis=axes) if self.needs_input_grad[1] else None
         gb = gy.sum(axis=axes) if self.needs_input_grad[2] else None
-        return gx, gw, gb
+        return gx, gw, gb, None, None
 
 
 class FrozenBatchNorm(Function):
-    """y = x * scale + shift, scale and shift constants per channel;  dx = gy * scale."""
+    """y = x * scale + shift, scale and shift constant inputs per channel;  dx = gy * scale."""
 
-    def __init__(self, scale, shift):
-        self.scale, self.shift = scale, shift
-
-    def forward(self, x):
+    def forward(self, x, scale, shift):
         shape = _channel_shape(x)
-        self.scale_b = self.scale.astype(x.dtype).reshape(shape)
-        return x * self.scale_b + self.shift.astype(x.dtype).reshape(shape)
+        scale = scale.astype(x.dtype).reshape(shape)
+        self.save_for_backward(scale=scale)
+        return x * scale + shift.astype(x.dtype).reshape(shape)
 
     def backward(self, gy):
-        return gy * self.scale_b
+        return gy * self.scale, None, None
 
 
 def _array(v):
@@ -150,21 +159,17 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
             raise ValueError("batch_norm: eval mode (training=False) needs running_mean and running_var")
         # xp.asarray: statistics kept on the other device are copied over (a no-op when already there).
         mean, var = xp.asarray(_array(running_mean)), xp.asarray(_array(running_var))
-        return BatchNormEval(mean, var, eps)(x, weight, bias)
+        return BatchNormEval(eps)(x, weight, bias, mean, var)
 
     n = x.size // x.shape[1]  # values per channel
     if n < 2:
         raise ValueError(f"batch_norm: training needs more than 1 value per channel to estimate a "
                          f"variance, got input of shape {tuple(x.shape)}")
-    fn = BatchNormTrain(eps)
-    y = fn(x, weight, bias)
-    # Update the running statistics in place, so that the module's buffer (the same array) sees it.
-    # They are statistics, not part of the graph: no gradient flows into them.
-    for buf, batch_value in ((running_mean, fn.mean), (running_var, fn.var * (n / (n - 1)))):
-        if buf is not None:
-            arr = _array(buf)
-            arr[...] = (1 - momentum) * arr + momentum * batch_value.reshape(-1).astype(arr.dtype)
-    return y
+    # Forward updates the running statistics in place, so that the module's buffer (the same
+    # array) sees it; a statistic nobody keeps (None) is updated in a throwaway array.
+    running = [xp.zeros(x.shape[1], dtype=x.dtype) if buf is None else _array(buf)
+               for buf in (running_mean, running_var)]
+    return BatchNormTrain(eps, momentum)(x, weight, bias, *running)
 
 
 def frozen_batch_norm(x, mean, var, weight, bias, eps=1e-5):
@@ -178,4 +183,4 @@ def frozen_batch_norm(x, mean, var, weight, bias, eps=1e-5):
         _check(x, f"frozen_batch_norm {name}", v)
     scale = weight / xp.sqrt(var + eps)
     shift = bias - mean * scale
-    return FrozenBatchNorm(scale, shift)(x)
+    return FrozenBatchNorm()(x, scale, shift)

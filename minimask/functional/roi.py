@@ -23,7 +23,7 @@ import numpy as np
 from ..backend import get_array_module, is_cupy_array, to_device
 from ..kernels.roi_align import roi_align_backward, roi_align_forward
 from ..kernels.roi_pool import roi_pool_backward, roi_pool_forward
-from ..tensor import Function, Tensor
+from ..tensor import Function, Tensor, as_tensor
 
 
 def _output_size(output_size):
@@ -71,20 +71,20 @@ class RoIAlignFn(Function):
     backward: gx[b_k, c, j] += w_sj / count * gy[k, c, ph, pw]  (the same weights, transposed)
     """
 
-    def __init__(self, rois, output_size, spatial_scale=1.0, sampling_ratio=0, aligned=True):
-        self.rois, self.output_size = rois, _output_size(output_size)
+    def __init__(self, output_size, spatial_scale=1.0, sampling_ratio=0, aligned=True):
+        self.output_size = _output_size(output_size)
         self.spatial_scale, self.sampling_ratio = float(spatial_scale), int(sampling_ratio)
         self.aligned = bool(aligned)
 
-    def forward(self, x):
-        self.rois = _check(x, self.rois, "roi_align")
-        self.x_shape = x.shape
-        return roi_align_forward(x, self.rois, self.output_size, self.spatial_scale, self.sampling_ratio,
+    def forward(self, x, rois):  # rois: a constant input, already checked by roi_align
+        self.save_for_backward(rois=rois, x_shape=x.shape)  # the boxes and a shape, not the features
+        return roi_align_forward(x, rois, self.output_size, self.spatial_scale, self.sampling_ratio,
                                  self.aligned)
 
     def backward(self, gy):
-        return roi_align_backward(gy, self.rois, self.x_shape, self.spatial_scale, self.sampling_ratio,
-                                  self.aligned)
+        gx = roi_align_backward(gy, self.rois, self.x_shape, self.spatial_scale, self.sampling_ratio,
+                                self.aligned)
+        return gx, None
 
 
 class RoIPoolFn(Function):
@@ -94,18 +94,16 @@ class RoIPoolFn(Function):
     backward: gx[b_k, c, argmax] += gy[k, c, ph, pw]
     """
 
-    def __init__(self, rois, output_size, spatial_scale=1.0):
-        self.rois, self.output_size = rois, _output_size(output_size)
-        self.spatial_scale = float(spatial_scale)
+    def __init__(self, output_size, spatial_scale=1.0):
+        self.output_size, self.spatial_scale = _output_size(output_size), float(spatial_scale)
 
-    def forward(self, x):
-        self.rois = _check(x, self.rois, "roi_pool")
-        self.x_shape = x.shape
-        out, self.argmax = roi_pool_forward(x, self.rois, self.output_size, self.spatial_scale)
+    def forward(self, x, rois):  # rois: a constant input, already checked by roi_pool
+        out, argmax = roi_pool_forward(x, rois, self.output_size, self.spatial_scale)
+        self.save_for_backward(rois=rois, argmax=argmax, x_shape=x.shape)
         return out
 
     def backward(self, gy):
-        return roi_pool_backward(gy, self.rois, self.argmax, self.x_shape)
+        return roi_pool_backward(gy, self.rois, self.argmax, self.x_shape), None
 
 
 def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=0, aligned=True):
@@ -115,9 +113,11 @@ def roi_align(x, rois, output_size, spatial_scale=1.0, sampling_ratio=0, aligned
     ``aligned=True`` is the half-pixel-corrected version (Detectron2's default), False the
     original.  As ``torchvision.ops.roi_align``.
     """
-    return RoIAlignFn(rois, output_size, spatial_scale, sampling_ratio, aligned)(x)
+    fn, x = RoIAlignFn(output_size, spatial_scale, sampling_ratio, aligned), as_tensor(x)
+    return fn(x, _check(x.data, rois, "roi_align"))
 
 
 def roi_pool(x, rois, output_size, spatial_scale=1.0):
     """RoIPool (Fast R-CNN's quantized max pooling) -> (K, C, oh, ow), as ``torchvision.ops.roi_pool``."""
-    return RoIPoolFn(rois, output_size, spatial_scale)(x)
+    fn, x = RoIPoolFn(output_size, spatial_scale), as_tensor(x)
+    return fn(x, _check(x.data, rois, "roi_pool"))

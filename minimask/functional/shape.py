@@ -18,7 +18,7 @@ class Reshape(Function):
         self.shape = shape
 
     def forward(self, x):
-        self.in_shape = x.shape
+        self.save_for_backward(in_shape=x.shape)
         return x.reshape(self.shape)
 
     def backward(self, gy):
@@ -32,7 +32,7 @@ class Transpose(Function):
         self.axes = axes
 
     def forward(self, x):
-        self.ndim = x.ndim
+        self.save_for_backward(ndim=x.ndim)
         return x.transpose(self.axes)
 
     def backward(self, gy):
@@ -63,10 +63,12 @@ class GetItem(Function):
     """
 
     def __init__(self, key):
-        self.key = key
+        # Saved state, not a setting: the key may hold index arrays or a boolean mask as large as
+        # x, which backward needs (to scatter into) and release must free.
+        self.save_for_backward(key=key)
 
     def forward(self, x):
-        self.in_shape, self.in_dtype = x.shape, x.dtype
+        self.save_for_backward(in_shape=x.shape)
         return x[self.key]
 
     def backward(self, gy):
@@ -86,7 +88,7 @@ class Concat(Function):
         self.axis = axis
 
     def forward(self, *xs):
-        self.sizes = [x.shape[self.axis] for x in xs]
+        self.save_for_backward(sizes=[x.shape[self.axis] for x in xs])
         return get_array_module(*xs).concatenate(xs, axis=self.axis)
 
     def backward(self, gy):
@@ -102,7 +104,7 @@ class Stack(Function):
         self.axis = axis
 
     def forward(self, *xs):
-        return get_array_module(*xs).stack(xs, axis=self.axis)
+        return get_array_module(*xs).stack(xs, axis=self.axis)  # saves nothing: backward only splits gy
 
     def backward(self, gy):
         xp = get_array_module(gy)
@@ -118,7 +120,7 @@ class Pad(Function):
     def forward(self, x):
         t, b, l, r = self.pad
         widths = [(0, 0)] * (x.ndim - 2) + [(t, b), (l, r)]
-        self.in_shape = x.shape
+        self.save_for_backward(in_shape=x.shape)
         return get_array_module(x).pad(x, widths)
 
     def backward(self, gy):
