@@ -159,15 +159,16 @@ class NearestResize(Function):
 
     def forward(self, x):
         xp = get_array_module(x)
-        n, c, h, w = self.in_shape = x.shape
+        n, c, h, w = x.shape
         (oh, ow), (sh, sw) = self.out_hw, self.scales
         rows, cols = nearest_table(h, oh, sh), nearest_table(w, ow, sw)
-        self.kh, self.kw = _integer_factor(rows, h, oh), _integer_factor(cols, w, ow)
-        if self.kh and self.kw:
-            return x.repeat(self.kh, axis=2).repeat(self.kw, axis=3)
+        kh, kw = _integer_factor(rows, h, oh), _integer_factor(cols, w, ow)
+        self.save_for_backward(in_shape=x.shape, kh=kh, kw=kw)
+        if kh and kw:
+            return x.repeat(kh, axis=2).repeat(kw, axis=3)  # backward needs only the factors
         ones = np.ones(1, dtype=x.dtype)
-        self.rows = xp.asarray(interpolation_matrix(h, [(rows, ones)], x.dtype))
-        self.cols = xp.asarray(interpolation_matrix(w, [(cols, ones)], x.dtype))
+        self.save_for_backward(rows=xp.asarray(interpolation_matrix(h, [(rows, ones)], x.dtype)),
+                               cols=xp.asarray(interpolation_matrix(w, [(cols, ones)], x.dtype)))
         return x[:, :, xp.asarray(rows)[:, None], xp.asarray(cols)[None, :]]
 
     def backward(self, gy):
@@ -203,8 +204,9 @@ class BilinearResize(Function):
         dtype = np.float64 if x.dtype == np.float64 else np.float32  # PyTorch's "opmath" type
         r0, r1, rw0, rw1 = linear_table(x.shape[2], oh, sh, self.align_corners, dtype)
         c0, c1, cw0, cw1 = linear_table(x.shape[3], ow, sw, self.align_corners, dtype)
-        self.rows = xp.asarray(interpolation_matrix(x.shape[2], [(r0, rw0), (r1, rw1)], x.dtype))
-        self.cols = xp.asarray(interpolation_matrix(x.shape[3], [(c0, cw0), (c1, cw1)], x.dtype))
+        a_rows = interpolation_matrix(x.shape[2], [(r0, rw0), (r1, rw1)], x.dtype)
+        a_cols = interpolation_matrix(x.shape[3], [(c0, cw0), (c1, cw1)], x.dtype)
+        self.save_for_backward(rows=xp.asarray(a_rows), cols=xp.asarray(a_cols))  # not x: dx = A^T gy A
         r0, r1, c0, c1 = (xp.asarray(a) for a in (r0, r1, c0, c1))
         rw0, rw1, cw0, cw1 = (xp.asarray(a.astype(x.dtype)) for a in (rw0, rw1, cw0, cw1))
         t = x[:, :, r0, :] * rw0[:, None] + x[:, :, r1, :] * rw1[:, None]  # rows: (N, C, Ho, W)
