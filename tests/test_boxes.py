@@ -1,4 +1,5 @@
-"""Box geometry: IoU on hand-computed cases, clipping, small-box removal, the box coder."""
+"""Box geometry: IoU and IoA on hand-computed cases, crowd regions, clipping, small-box removal, the
+box coder."""
 
 import math
 
@@ -6,7 +7,16 @@ import numpy as np
 import pytest
 
 from minimask.backend import to_device
-from minimask.ops import BoxCoder, box_area, box_iou, clip_boxes, remove_small_boxes
+from minimask.ops import (
+    CROWD_IOA_THRESH,
+    BoxCoder,
+    box_area,
+    box_ioa,
+    box_iou,
+    clip_boxes,
+    crowd_ignore_mask,
+    remove_small_boxes,
+)
 
 
 def random_boxes(rng, n, size=100.0):
@@ -66,6 +76,53 @@ def test_box_iou_matches_torchvision(rng, torchvision):
     a, b = random_boxes(rng, 20), random_boxes(rng, 30)
     expected = torchvision.ops.box_iou(torch.from_numpy(a), torch.from_numpy(b)).numpy()
     np.testing.assert_allclose(box_iou(a, b), expected, rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("box, region, expected", [
+    ([0, 0, 2, 2], [1, 1, 3, 3], 1 / 4),   # overlap 1x1 of the box's 4 (IoU would be 1/7)
+    ([1, 1, 2, 2], [0, 0, 4, 4], 1.0),     # wholly inside: 1 however large the region (IoU 1/16)
+    ([0, 0, 4, 4], [1, 1, 2, 2], 1 / 16),  # the other way round: not symmetric
+    ([0, 0, 1, 1], [2, 2, 3, 3], 0.0),     # disjoint
+    ([0, 0, 1, 1], [1, 0, 2, 1], 0.0),     # touching along an edge
+    ([0, 0, 10, 4], [7, -1, 20, 9], 3 / 10),  # the right 3 of 10 columns
+    ([1, 1, 1, 3], [0, 0, 2, 4], 0.0),     # a zero-area box: 0, not 0/0
+])
+def test_box_ioa_hand_computed(box, region, expected):
+    ioa = box_ioa(np.array([box], np.float64), np.array([region], np.float64))
+    assert ioa.shape == (1, 1)
+    assert ioa[0, 0] == pytest.approx(expected, abs=1e-15)
+
+
+def test_box_ioa_pairwise_matches_a_loop(rng):
+    a, b = random_boxes(rng, 6), random_boxes(rng, 4)
+    ioa = box_ioa(a, b)
+    assert ioa.shape == (6, 4)
+    for i in range(6):
+        for j in range(4):
+            w = max(0.0, min(a[i, 2], b[j, 2]) - max(a[i, 0], b[j, 0]))
+            h = max(0.0, min(a[i, 3], b[j, 3]) - max(a[i, 1], b[j, 1]))
+            assert ioa[i, j] == pytest.approx(w * h / ((a[i, 2] - a[i, 0]) * (a[i, 3] - a[i, 1])), rel=1e-12)
+    assert box_ioa(a.astype(np.float32), b.astype(np.float32)).dtype == np.float32
+    assert box_ioa(np.zeros((0, 4)), b).shape == (0, 4)
+    with pytest.raises(ValueError, match="regions must have shape"):
+        box_ioa(a, b[:, :3])
+
+
+def test_crowd_ignore_mask_is_strictly_above_the_threshold():
+    """Ignored: IoA > 0.7 with some crowd region (strictly: exactly 0.7 is kept)."""
+    assert CROWD_IOA_THRESH == 0.7
+    crowd = np.array([[3, 0, 100, 10], [0, 50, 10, 60]], np.float64)
+    boxes = np.array([[0, 0, 10, 10],     # 7 of its 10 columns in the first region: 0.7, kept
+                      [-1, 0, 9, 10],     # 6 of 10: kept
+                      [2, 0, 12, 10],     # 9 of 10: ignored
+                      [0, 52, 10, 62],    # 8 of 10 rows in the second region: ignored
+                      [50, 50, 60, 60]], np.float64)
+    np.testing.assert_array_equal(crowd_ignore_mask(boxes, crowd), [False, False, True, True, False])
+    np.testing.assert_array_equal(crowd_ignore_mask(boxes, crowd, threshold=0.65),
+                                  [True, False, True, True, False])
+    for none in (None, np.zeros((0, 4))):  # no crowd region: nothing is ignored
+        np.testing.assert_array_equal(crowd_ignore_mask(boxes, none), [False] * 5)
+    assert crowd_ignore_mask(np.zeros((0, 4)), crowd).shape == (0,)
 
 
 def test_clip_boxes():
@@ -148,6 +205,9 @@ def test_boxes_on_gpu_match_numpy(rng):
     a, b = random_boxes(rng, 30), random_boxes(rng, 20)
     ga, gb = to_device(a, "gpu"), to_device(b, "gpu")
     np.testing.assert_allclose(to_device(box_iou(ga, gb), "cpu"), box_iou(a, b), rtol=1e-12)
+    np.testing.assert_allclose(to_device(box_ioa(ga, gb), "cpu"), box_ioa(a, b), rtol=1e-12)
+    np.testing.assert_array_equal(to_device(crowd_ignore_mask(ga, gb[:3], 0.3), "cpu"),
+                                  crowd_ignore_mask(a, b[:3], 0.3))
     coder = BoxCoder((10, 10, 5, 5))
     np.testing.assert_allclose(to_device(coder.encode(ga[:20], gb), "cpu"), coder.encode(a[:20], b),
                                rtol=1e-12)

@@ -1,5 +1,8 @@
 """RoI heads (issue 4 items 4-5): target assignment, mask targets, losses, every Table 2 ablation,
-and inference post-processing, on small feature maps (16 channels, 64 x 64 images)."""
+and inference post-processing, on small feature maps (16 channels, 64 x 64 images).
+
+Targets are built as the model's transform prepares them (float32 boxes, int64 labels, uint8
+masks, float32 crowd boxes, possibly (0, 4)): the heads take them as they are."""
 
 import dataclasses
 import math
@@ -8,11 +11,14 @@ import numpy as np
 import pytest
 
 from minimask import Tensor, gradcheck, nn
+from minimask import functional as F
 from minimask.backend import to_device
 from minimask.models.box_head import fastrcnn_loss
 from minimask.models.config import preset
+from minimask.models.fpn import BackboneWithFPN
 from minimask.models.mask_head import mask_loss, project_masks_on_boxes
-from minimask.models.roi_heads import RoIHeads, crowd_ignore_mask
+from minimask.models.roi_heads import RoIHeads
+from minimask.ops import crowd_ignore_mask
 
 SIZE = 64  # image side (already resized and padded)
 
@@ -34,6 +40,14 @@ def features(rng, n=2, channels=16, dtype=np.float32):
     return [Tensor(rng.standard_normal(shape).astype(dtype)) for shape in shapes]
 
 
+def make_target(boxes, labels, masks=None, crowd=None):
+    """One target in the form models/transform.py's prepare_targets gives the heads."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    masks = np.zeros((len(boxes), SIZE, SIZE), np.uint8) if masks is None else masks.astype(np.uint8)
+    crowd = np.zeros((0, 4), np.float32) if crowd is None else np.asarray(crowd, np.float32).reshape(-1, 4)
+    return dict(boxes=boxes, labels=np.asarray(labels, np.int64), masks=masks, crowd_boxes=crowd)
+
+
 def box_mask(box, size=SIZE):
     m = np.zeros((size, size), np.uint8)
     x1, y1, x2, y2 = (int(v) for v in box)
@@ -51,8 +65,7 @@ def training_batch(rng):
         corner = rng.uniform(0, SIZE - 12, (10, 2))
         anywhere = np.concatenate([corner, corner + rng.uniform(4, 12, (10, 2))], axis=1).astype(np.float32)
         proposals.append(np.concatenate([jitter, anywhere]))
-    targets = [dict(boxes=b, labels=lab, masks=np.stack([box_mask(x) for x in b]))
-               for b, lab in zip(gt, labels)]
+    targets = [make_target(b, lab, np.stack([box_mask(x) for x in b])) for b, lab in zip(gt, labels)]
     return proposals, targets
 
 
@@ -68,7 +81,7 @@ PROPOSALS = np.array([[0, 0, 10, 8], [0, 0, 10, 5], [0, 0, 10, 4], [20, 20, 40, 
 
 def test_labels_by_hand_and_gt_appended():
     heads = make_heads()
-    target = dict(boxes=GT, labels=GT_LABELS, masks=np.zeros((2, SIZE, SIZE), np.uint8))
+    target = make_target(GT, GT_LABELS)
     boxes, matched, labels = heads.label_proposals(PROPOSALS, target)
     np.testing.assert_array_equal(boxes[:6], PROPOSALS)
     np.testing.assert_array_equal(boxes[6:], GT)  # the gt boxes are RoIs too ...
@@ -78,7 +91,7 @@ def test_labels_by_hand_and_gt_appended():
 
 def test_regression_targets_by_hand():
     heads = make_heads(box_batch_size_per_image=100, box_positive_fraction=1.0)
-    target = dict(boxes=GT, labels=GT_LABELS, masks=np.zeros((2, SIZE, SIZE), np.uint8))
+    target = make_target(GT, GT_LABELS)
     (s,) = heads.select_training_samples([PROPOSALS], [target])
     assert len(s["boxes"]) == 8  # nothing ignored, the batch is large: every RoI is sampled
     by_box = {tuple(b): (lab, d)
@@ -103,7 +116,7 @@ def test_sampling_counts():
     gt = np.array([[20, 20, 40, 40]], np.float32)
     near = gt + rng.uniform(-1.5, 1.5, (30, 4)).astype(np.float32)  # IoU > 0.7: positive
     far = (np.array([[60, 60, 63, 63]]) - rng.uniform(0, 2, (100, 1))).astype(np.float32)  # IoU 0
-    target = dict(boxes=gt, labels=np.array([2]), masks=np.zeros((1, SIZE, SIZE), np.uint8))
+    target = make_target(gt, [2])
     heads = make_heads(box_batch_size_per_image=64, box_positive_fraction=0.25)
 
     (s,) = heads.select_training_samples([np.concatenate([near, far])], [target])
@@ -117,8 +130,7 @@ def test_sampling_counts():
 
 def test_image_without_objects_is_all_background():
     heads = make_heads(box_batch_size_per_image=100)
-    target = dict(boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64),
-                  masks=np.zeros((0, SIZE, SIZE), np.uint8))
+    target = make_target(np.zeros((0, 4)), [])
     (s,) = heads.select_training_samples([PROPOSALS], [target])
     assert len(s["labels"]) == 6 and (s["labels"] == 0).all()
     assert (s["regression_targets"] == 0).all()
@@ -131,16 +143,15 @@ def test_crowd_regions_are_ignored():
                       [25, 25, 35, 35],   # a quarter
                       [50, 50, 60, 60]], np.float32)
     np.testing.assert_array_equal(crowd_ignore_mask(boxes, crowd), [True, False, False, False])
-    assert not crowd_ignore_mask(boxes, None).any()
 
     heads = make_heads()
     gt = np.array([[3, 3, 12, 12]], np.float32)  # an object inside the crowd region
-    target = dict(boxes=gt, labels=np.array([1]), masks=np.zeros((1, SIZE, SIZE), np.uint8),
-                  crowd_boxes=crowd)
-    _, _, labels = heads.label_proposals(boxes, target)
+    _, _, labels = heads.label_proposals(boxes, make_target(gt, [1], crowd=crowd))
     # The first proposal would be positive (IoU 0.81 with the gt) but lies in the crowd region;
     # the gt box itself is always kept.
     np.testing.assert_array_equal(labels, [-1, 0, 0, 0, 1])
+    _, _, labels = heads.label_proposals(boxes, make_target(gt, [1]))  # crowd_boxes (0, 4): none
+    np.testing.assert_array_equal(labels, [1, 0, 0, 0, 1])
 
 
 # ---- mask targets and losses -----------------------------------------------------------------------
@@ -282,6 +293,7 @@ def test_training_losses_and_gradients(rng, name):
 def test_training_in_float64(rng):
     heads = make_heads().astype(np.float64)
     proposals, targets = training_batch(rng)
+    proposals = [p.astype(np.float64) for p in proposals]  # as a float64 RPN gives them
     _, losses = heads(features(rng, dtype=np.float64), proposals, [(SIZE, SIZE)] * 2, targets)
     assert all(v.dtype == np.float64 for v in losses.values())
 
@@ -289,8 +301,7 @@ def test_training_in_float64(rng):
 @pytest.mark.parametrize("name", list(ABLATIONS))
 def test_training_without_any_object_or_proposal(rng, name):
     heads = make_heads(**ABLATIONS[name])
-    empty = dict(boxes=np.zeros((0, 4), np.float32), labels=np.zeros(0, np.int64),
-                 masks=np.zeros((0, SIZE, SIZE), np.uint8))
+    empty = make_target(np.zeros((0, 4)), [])
     _, losses = heads(features(rng, n=1), [np.zeros((0, 4), np.float32)], [(SIZE, SIZE)], [empty])
     assert all(float(v.data) == 0.0 for v in losses.values())
 
@@ -311,6 +322,40 @@ def test_mask_head_has_torchvision_names_and_shapes():
 def test_training_needs_targets(rng):
     with pytest.raises(ValueError, match="needs targets"):
         make_heads()(features(rng, n=1), [PROPOSALS], [(SIZE, SIZE)])
+
+
+def test_losses_are_the_branch_helpers_on_one_sample(rng):
+    """``losses`` is box_losses then mask_losses on one shared sample of RoIs (no second draw)."""
+    heads = make_heads()
+    proposals, targets = training_batch(rng)
+    feats = features(rng)
+    heads.sampler.rng = np.random.default_rng(7)
+    _, losses = heads(feats, proposals, [(SIZE, SIZE)] * 2, targets)
+    heads.sampler.rng = np.random.default_rng(7)
+    samples = heads.select_training_samples(proposals, targets)
+    by_branch = {**heads.box_losses(feats, samples), "loss_mask": heads.mask_losses(feats, samples, targets)}
+    assert list(losses) == ["loss_cls", "loss_box", "loss_mask"]
+    for name, value in by_branch.items():
+        assert float(losses[name].data) == float(value.data), name
+
+
+def test_strides_come_from_the_backbone(rng):
+    """The poolers use the backbone's strides (given, or BackboneWithFPN's P2..P5 by default):
+    with strides (8, 16, 32, 64) a small box is pooled from the first map at scale 1/8."""
+    assert make_heads().strides == tuple(BackboneWithFPN.strides[:4]) == (4, 8, 16, 32)
+    nn.init.manual_seed(0)
+    heads = RoIHeads(small_cfg(), strides=(8, 16, 32, 64))
+    assert heads.box_roi_pool.strides == [8, 16, 32, 64]
+    feats = [Tensor(rng.standard_normal((1, 16, SIZE // s, SIZE // s)).astype(np.float32))
+             for s in (8, 16, 32, 64)]
+    box = np.array([[3.0, 5.0, 21.0, 17.0]], np.float32)  # FPN Eq. 1 clamps it to the finest level
+    cfg = heads.cfg
+    expected = F.roi_align(feats[0], np.concatenate([[[0.0]], box], axis=1).astype(np.float32),
+                           cfg.box_pool_size, spatial_scale=1 / 8, sampling_ratio=cfg.sampling_ratio,
+                           aligned=cfg.aligned).data
+    np.testing.assert_array_equal(heads.box_roi_pool(feats, [box]).data, expected)
+    with pytest.raises(ValueError, match=r"expected 4 maps \(strides \(8, 16, 32, 64\)\), got 3"):
+        heads.eval()(feats[:3], [box], [(SIZE, SIZE)])
 
 
 # ---- inference -----------------------------------------------------------------------------------------
@@ -376,15 +421,19 @@ def test_inference_with_no_proposals(rng):
 def test_gpu_matches_cpu(rng):
     proposals, targets = training_batch(rng)
     feats = features(rng)
+    # The heads move nothing: proposals (from the RPN) and targets (from the transform) arrive
+    # on the features' device.
+    gpu_proposals = [to_device(p, "gpu") for p in proposals]
+    gpu_targets = [{k: to_device(v, "gpu") for k, v in t.items()} for t in targets]
     cpu, gpu = make_heads(), make_heads().to("gpu")
     _, lc = cpu(feats, proposals, [(SIZE, SIZE)] * 2, targets)
-    _, lg = gpu([f.to("gpu") for f in feats], proposals, [(SIZE, SIZE)] * 2, targets)
+    _, lg = gpu([f.to("gpu") for f in feats], gpu_proposals, [(SIZE, SIZE)] * 2, gpu_targets)
     for k in lc:
         np.testing.assert_allclose(to_device(lg[k].data, "cpu"), lc[k].data, rtol=1e-4, atol=1e-6)
     cpu.eval()
     gpu.eval()
-    (dc, _), (dg, _) = cpu(feats, proposals, [(SIZE, SIZE)] * 2), gpu([f.to("gpu") for f in feats], proposals,
-                                                                      [(SIZE, SIZE)] * 2)
+    dc, _ = cpu(feats, proposals, [(SIZE, SIZE)] * 2)
+    dg, _ = gpu([f.to("gpu") for f in feats], gpu_proposals, [(SIZE, SIZE)] * 2)
     for a, b in zip(dc, dg):
         for k in a:
             np.testing.assert_allclose(to_device(b[k], "cpu"), a[k], rtol=1e-4, atol=1e-5)

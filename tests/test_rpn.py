@@ -24,6 +24,14 @@ def shapes_cfg(**kw):
     return dataclasses.replace(preset("shapes"), **kw)
 
 
+def make_target(boxes, crowd=None):
+    """One target as models/transform.py prepares it: float32 boxes, int64 labels, float32
+    crowd boxes, possibly (0, 4) (the RPN reads boxes and crowd_boxes, and moves nothing)."""
+    boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+    crowd = np.zeros((0, 4), np.float32) if crowd is None else np.asarray(crowd, np.float32).reshape(-1, 4)
+    return dict(boxes=boxes, labels=np.ones(len(boxes), np.int64), crowd_boxes=crowd)
+
+
 def feature_stubs(n, dtype=np.float64, channels=1):
     """Tensors of the pyramid's shapes: the RPN reads shape, dtype and device from them."""
     return [Tensor(np.zeros((n, channels, h, w), dtype=dtype)) for h, w in LEVEL_HW]
@@ -182,7 +190,7 @@ def test_proposals_match_plain_loop_reference(training, pre_n, post_n, score_thr
     deltas = [rng.normal(0, 0.5, (2, 4 * A, h, w)) for h, w in LEVEL_HW]
     rpn.head = FixedHead(obj, deltas)
     sizes = [(50, 60), (64, 37)]  # smaller than the padded batch: clipping matters
-    targets = [{"boxes": np.zeros((0, 4))}] * 2 if training else None
+    targets = [make_target(np.zeros((0, 4)))] * 2 if training else None
     proposals, losses = rpn(feature_stubs(2), sizes, BATCH, targets)
     assert set(losses) == ({"loss_rpn_cls", "loss_rpn_box"} if training else set())
     for n in range(2):
@@ -192,7 +200,7 @@ def test_proposals_match_plain_loop_reference(training, pre_n, post_n, score_thr
             assert len(ref_boxes) == post_n  # the inputs give more candidates than post_n
         else:
             assert 10 < len(ref_boxes) < 5 * pre_n and ref_scores.min() >= score_thresh
-        assert proposals[n].dtype == np.float32
+        assert proposals[n].dtype == np.float64  # the features' dtype, as the RoI heads take it
         np.testing.assert_allclose(proposals[n], ref_boxes, rtol=1e-5, atol=1e-4)
 
 
@@ -259,7 +267,7 @@ def _flat(obj, deltas):
 
 
 # ---- training targets ------------------------------------------------------------------------
-GT = np.array([[0, 0, 10, 10], [100, 100, 120, 120]], dtype=np.float64)
+GT = np.array([[0, 0, 10, 10], [100, 100, 120, 120]], dtype=np.float32)  # the float64 anchors match it
 ANCHORS = np.array([
     [0, 0, 10, 10],        # 0: IoU 1 with gt 0            -> positive
     [0, 0, 10, 8],         # 1: IoU 0.8                    -> positive
@@ -274,12 +282,12 @@ ANCHORS = np.array([
     [290, 290, 310, 310],  # 10: 25% inside the crowd box  -> negative
     [280, 200, 305, 220],  # 11: 80% inside the crowd box  -> negative, or ignored with crowds
 ], dtype=np.float64)
-CROWD = np.array([[200, 200, 300, 300]], dtype=np.float64)
+CROWD = np.array([[200, 200, 300, 300]], dtype=np.float32)
 
 
 def test_anchor_labels_and_regression_targets():
     rpn = RegionProposalNetwork(preset("shapes"))
-    (labels,), (reg,) = rpn.assign_targets(ANCHORS, [{"boxes": GT}])
+    (labels,), (reg,) = rpn.assign_targets(ANCHORS, [make_target(GT)])
     np.testing.assert_array_equal(labels, [1, 1, 1, -1, -1, 0, 0, 1, 0, 0, 0, 0])
     assert labels.dtype == np.int64
     matched_gt = {0: 0, 1: 0, 2: 0, 7: 1}
@@ -293,15 +301,17 @@ def test_crowd_regions_and_images_without_objects():
     rpn = RegionProposalNetwork(preset("shapes"))
     crowd_over_gt = np.array([[0, 0, 12, 12]])  # covers anchors 0..5: only negatives change
     labels, reg = rpn.assign_targets(ANCHORS, [
-        {"boxes": GT, "crowd_boxes": CROWD},
-        {"boxes": GT, "crowd_boxes": crowd_over_gt},
-        {"boxes": np.zeros((0, 4)), "crowd_boxes": CROWD},
-        {"boxes": np.zeros((0, 4))},
+        make_target(GT, CROWD),
+        make_target(GT, crowd_over_gt),
+        make_target(np.zeros((0, 4)), CROWD),
+        make_target(np.zeros((0, 4))),
+        {"boxes": GT},  # no crowd_boxes at all: none
     ])
     np.testing.assert_array_equal(labels[0], [1, 1, 1, -1, -1, 0, 0, 1, 0, -1, 0, -1])
     np.testing.assert_array_equal(labels[1], [1, 1, 1, -1, -1, -1, 0, 1, 0, 0, 0, 0])
     np.testing.assert_array_equal(labels[2], [0] * 9 + [-1, 0, -1])
     np.testing.assert_array_equal(labels[3], [0] * 12)
+    np.testing.assert_array_equal(labels[4], [1, 1, 1, -1, -1, 0, 0, 1, 0, 0, 0, 0])
     assert np.all(reg[2] == 0) and np.all(reg[3] == 0)
 
 
@@ -326,7 +336,7 @@ def test_losses_match_their_definitions():
     head = FixedHead([], [])
     head.out = (obj, deltas)
     rpn.head = head
-    targets = [{"boxes": np.array([[10, 12, 26, 30], [30, 8, 62, 40.0]])}, {"boxes": np.zeros((0, 4))}]
+    targets = [make_target([[10, 12, 26, 30], [30, 8, 62, 40]]), make_target(np.zeros((0, 4)))]
     _, losses = rpn(feature_stubs(2), [BATCH, BATCH], BATCH, targets)
 
     # The same draws from a sampler seeded alike, on labels from assign_targets (tested above).
@@ -360,8 +370,7 @@ def test_forward_backward_with_random_features(rng):
     rpn = RegionProposalNetwork(cfg)
     feats = [Tensor(rng.standard_normal((2, cfg.fpn_out_channels, h, w)).astype(np.float32),
                     requires_grad=True) for h, w in LEVEL_HW]
-    targets = [{"boxes": np.array([[5, 6, 30, 28], [20, 30, 60, 62]], dtype=np.float32)},
-               {"boxes": np.zeros((0, 4), dtype=np.float32)}]
+    targets = [make_target([[5, 6, 30, 28], [20, 30, 60, 62]]), make_target(np.zeros((0, 4)))]
     proposals, losses = rpn(feats, [(64, 64), (60, 48)], BATCH, targets)
     assert set(losses) == {"loss_rpn_cls", "loss_rpn_box"}
     cls, box = losses["loss_rpn_cls"], losses["loss_rpn_box"]
@@ -386,7 +395,7 @@ def test_loss_gradcheck_through_head_and_flattening():
         p.data = rng.normal(0, 0.3, p.shape)
     feats = [Tensor(rng.standard_normal((1, 3, h // 2, w // 2)), requires_grad=True)
              for h, w in [(16, 16), (8, 8), (4, 4), (2, 2), (2, 2)]]
-    targets = [{"boxes": np.array([[4.0, 6, 20, 22], [10, 3, 30, 15]])}]
+    targets = [make_target([[4, 6, 20, 22], [10, 3, 30, 15]])]
 
     def losses(*inputs):
         rpn.sampler.rng = np.random.default_rng(0)  # the same sample on every call
@@ -416,11 +425,11 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="needs targets"):
         rpn(feature_stubs(1), [BATCH], BATCH)
     with pytest.raises(ValueError, match="expected 5 feature maps"):
-        rpn(feature_stubs(1)[:4], [BATCH], BATCH, [{"boxes": np.zeros((0, 4))}])
+        rpn(feature_stubs(1)[:4], [BATCH], BATCH, [make_target(np.zeros((0, 4)))])
     with pytest.raises(ValueError, match="target box 1 of image 0 .* positive width and height"):
-        rpn.assign_targets(ANCHORS, [{"boxes": np.array([[0, 0, 5, 5], [3, 3, 3, 9.0]])}])
+        rpn.assign_targets(ANCHORS, [make_target([[0, 0, 5, 5], [3, 3, 3, 9]])])
     with pytest.raises(ValueError, match="2 image sizes for a batch of 1"):
-        rpn(feature_stubs(1), [BATCH, BATCH], BATCH, [{"boxes": np.zeros((0, 4))}])
+        rpn(feature_stubs(1), [BATCH, BATCH], BATCH, [make_target(np.zeros((0, 4)))])
 
 
 # ---- GPU ---------------------------------------------------------------------------------------
@@ -428,8 +437,7 @@ def test_clear_errors():
 def test_gpu_matches_cpu(rng):
     cfg = preset("shapes")
     feats = [rng.standard_normal((2, cfg.fpn_out_channels, h, w)) for h, w in LEVEL_HW]
-    targets = [{"boxes": np.array([[5, 6, 30, 28.0]]), "crowd_boxes": np.array([[40, 40, 64, 64.0]])},
-               {"boxes": np.array([[20, 30, 60, 62.0]])}]
+    targets = [make_target([[5, 6, 30, 28]], [[40, 40, 64, 64]]), make_target([[20, 30, 60, 62]])]
     results = {}
     for device in ("cpu", "gpu"):
         rpn = RegionProposalNetwork(cfg).astype(np.float64)
@@ -437,7 +445,8 @@ def test_gpu_matches_cpu(rng):
         rpn.head = RPNHead(cfg.fpn_out_channels, A).astype(np.float64)
         rpn.to(device)
         f = [Tensor(to_device(x, device)) for x in feats]
-        proposals, losses = rpn(f, [(64, 64), (60, 48)], BATCH, targets)
+        on_device = [{k: to_device(v, device) for k, v in t.items()} for t in targets]  # as prepared
+        proposals, losses = rpn(f, [(64, 64), (60, 48)], BATCH, on_device)
         results[device] = ([to_device(p, "cpu") for p in proposals],
                            {k: float(v.item()) for k, v in losses.items()})
     for p_cpu, p_gpu in zip(results["cpu"][0], results["gpu"][0]):

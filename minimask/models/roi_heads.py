@@ -1,8 +1,13 @@
-"""RoI heads: Mask R-CNN's second stage, box and mask branches on each proposal (Sec. 3, 3.1).
+"""RoI heads: Mask R-CNN's second stage, box, mask (and keypoint) branches per RoI (Sec. 3, 3.1, 5).
 
     features P2..P5, proposals ->  [training] add gt boxes, match (IoU >= 0.5), sample 512 at 1:3
-                               ->  RoIAlign 7x7   -> box head  -> class scores, class-specific boxes
-                               ->  RoIAlign 14x14 -> mask head -> K masks of 28x28 per RoI
+                               ->  RoIAlign 7x7   -> box head      -> class scores, class-specific boxes
+                               ->  RoIAlign 14x14 -> mask head     -> K masks of 28x28 per RoI
+                               ->  RoIAlign 14x14 -> keypoint head -> J heatmaps of 56x56 (Sec. 5)
+
+Each branch has one training helper and one inference helper, so that ``losses`` and ``detect``
+read box -> mask -> keypoint: ``box_losses`` / ``detect_boxes``, ``mask_losses`` /
+``detect_masks``, ``keypoint_losses`` / ``detect_keypoints``.
 
 Training (Sec. 3.1, "Training"): "An RoI is considered positive if it has IoU with a
 ground-truth box of at least 0.5 and negative otherwise.  The mask loss L_mask is defined only
@@ -22,11 +27,12 @@ plain NumPy / CuPy arrays; the losses are Tensors.  Module names follow torchvis
 """
 
 from .. import nn
-from ..backend import device_of, get_array_module, to_device
+from ..backend import get_array_module
 from ..functional import softmax
-from ..ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_area, box_iou
-from ..tensor import Tensor, no_grad
+from ..ops import BalancedPositiveNegativeSampler, BoxCoder, Matcher, box_iou, crowd_ignore_mask
+from ..tensor import no_grad
 from .box_head import BoxHead, BoxPredictor, fastrcnn_loss, postprocess_detections
+from .fpn import BackboneWithFPN
 from .keypoint_head import (
     KeypointHead,
     KeypointPredictor,
@@ -47,57 +53,42 @@ from .mask_head import (
 )
 from .poolers import MultiScaleRoIAlign
 
-# Strides of P2..P5: fixed by the backbone, so the poolers need not guess them from image sizes.
-FPN_STRIDES = (4, 8, 16, 32)
-
-
-def crowd_ignore_mask(boxes, crowd_boxes, threshold=0.7):
-    """True for boxes lying mostly inside a crowd region: intersection / box area > threshold.
-
-    COCO marks groups of objects too dense to outline one by one as ``iscrowd`` regions.  Such
-    a region is no ground truth to learn a box from, but an RoI inside it is not background
-    either.  We follow Detectron (``_filter_crowd_proposals``, CROWD_FILTER_THRESH = 0.7): an
-    RoI whose area is more than 70% covered by a crowd box is ignored (neither positive nor
-    negative).  The overlap is intersection over the RoI's own area, as COCO's iou for crowd
-    regions, since a small RoI inside a large crowd box has a small IoU but is still covered.
-    """
-    xp = get_array_module(boxes)
-    if crowd_boxes is None or len(crowd_boxes) == 0 or len(boxes) == 0:
-        return xp.zeros((len(boxes),), dtype=bool)
-    top_left = xp.maximum(boxes[:, None, :2], crowd_boxes[None, :, :2])
-    bottom_right = xp.minimum(boxes[:, None, 2:], crowd_boxes[None, :, 2:])
-    wh = xp.maximum(bottom_right - top_left, 0)
-    inter = wh[..., 0] * wh[..., 1]  # (R, M)
-    area = xp.maximum(box_area(boxes), 1e-12)[:, None]
-    return (inter / area).max(axis=1) > threshold
-
 
 class RoIHeads(nn.Module):
-    """Box and mask heads over FPN features (P2..P5).
+    """Box, mask and keypoint heads over FPN features (P2..P5).
 
     ``detections, losses = roi_heads(features, proposals, image_sizes, targets=None)``
 
-    - features: list of Tensors (N, C, Hl, Wl) for P2..P5 (a fifth map, P6, is ignored: as in
-      torchvision the heads pool only from P2..P5).
-    - proposals: list of N arrays (Ki, 4), x1 y1 x2 y2 in resized-image pixels.
+    - features: list of Tensors (N, C, Hl, Wl), one per stride in ``strides`` (more maps, such
+      as P6, are ignored: as in torchvision the heads pool only from P2..P5).
+    - proposals: list of N arrays (Ki, 4), x1 y1 x2 y2 in resized-image pixels, in the features'
+      dtype and on their device (as the RPN gives them).
     - image_sizes: list of N (h, w) after resizing, before padding (detections are clipped to it).
-    - targets (training): list of N dicts with ``boxes`` (G, 4), ``labels`` (G,) in 1..K,
-      ``masks`` (G, H, W) uint8 in the same pixels, optionally ``crowd_boxes`` (M, 4).
+    - targets (training): list of N dicts as the model's transform prepares them, on the
+      features' device: ``boxes`` (G, 4) float32, ``labels`` (G,) int64 in 1..K, ``masks``
+      (G, H, W) uint8 in the same pixels (with ``cfg.mask_on``), ``keypoints`` (G, J, 3) float32
+      (with ``cfg.keypoint_on``) and ``crowd_boxes`` (M, 4) float32 (a missing one means none).
+      They are not checked or moved here (``models/transform.py`` does that once).
 
-    Training mode returns ``([], {"loss_cls", "loss_box", "loss_mask"})``; eval mode returns
-    one dict per image with ``boxes`` (D, 4) float, ``scores`` (D,), ``labels`` (D,) int64 and
-    ``mask_probs`` (D, 28, 28), sorted by falling score, and an empty loss dict.
+    ``strides`` are those of the pooled maps, the backbone's (``BackboneWithFPN.strides[:4]``
+    by default), so the poolers need not guess them from image sizes.
+
+    Training mode returns ``([], {"loss_cls", "loss_box", "loss_mask", "loss_keypoint"})`` (the
+    last two with their branch on); eval mode returns one dict per image with ``boxes`` (D, 4),
+    ``scores`` (D,), ``labels`` (D,) int64, ``mask_probs`` (D, 28, 28) and ``keypoints`` (D, J, 3),
+    ``keypoints_scores`` (D, J) with their branch, sorted by falling score, and an empty loss dict.
     """
 
-    def __init__(self, cfg, in_channels=None):
+    def __init__(self, cfg, in_channels=None, strides=None):
         super().__init__()
         self.cfg = cfg
         in_channels = cfg.fpn_out_channels if in_channels is None else in_channels
+        self.strides = tuple(BackboneWithFPN.strides[:4] if strides is None else strides)
         num_classes = cfg.num_classes
 
         # Poolers (no weights): RoIAlign on the level that suits each box (FPN Eq. 1).
         pool = dict(sampling_ratio=cfg.sampling_ratio, aligned=cfg.aligned, pooler_type=cfg.pooler_type,
-                    strides=FPN_STRIDES)
+                    strides=self.strides)
         self.box_roi_pool = MultiScaleRoIAlign(cfg.box_pool_size, **pool)
         if cfg.mask_on:
             self.mask_roi_pool = MultiScaleRoIAlign(cfg.mask_pool_size, **pool)
@@ -128,6 +119,46 @@ class RoIHeads(nn.Module):
         self.sampler = BalancedPositiveNegativeSampler(cfg.box_batch_size_per_image,
                                                        cfg.box_positive_fraction, seed=cfg.seed)
 
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(self, features, proposals, image_sizes, targets=None):
+        features = list(features)[:len(self.strides)]
+        if len(features) != len(self.strides):
+            raise ValueError(f"roi_heads: expected {len(self.strides)} maps (strides {self.strides}), "
+                             f"got {len(features)}")
+        if len(proposals) != features[0].shape[0] or len(image_sizes) != features[0].shape[0]:
+            raise ValueError(f"roi_heads: {len(proposals)} proposal arrays and {len(image_sizes)} image "
+                             f"sizes for a batch of {features[0].shape[0]} images")
+        proposals = [p.reshape(-1, 4) for p in proposals]
+        if self.training:
+            if targets is None:
+                raise ValueError("roi_heads: training mode needs targets (call .eval() for inference)")
+            return [], self.losses(features, proposals, targets)
+        with no_grad():
+            return self.detect(features, proposals, image_sizes), {}
+
+    def losses(self, features, proposals, targets):
+        """L_cls + L_box + L_mask of Eq. 1 (+ L_keypoint, Sec. 5) for a batch, by name (Tensors).
+
+        One sample of RoIs per image feeds every branch: the box branch reads them all, the mask
+        and keypoint branches their positives."""
+        samples = self.select_training_samples(proposals, targets)
+        losses = self.box_losses(features, samples)
+        if self.cfg.mask_on:
+            losses["loss_mask"] = self.mask_losses(features, samples, targets)
+        if self.cfg.keypoint_on:
+            losses["loss_keypoint"] = self.keypoint_losses(features, samples, targets)
+        return losses
+
+    def detect(self, features, proposals, image_sizes):
+        """Detections per image (plain arrays): the box branch on the proposals, then the mask
+        and keypoint branches on the detected boxes (Sec. 3.1, "Inference")."""
+        results = self.detect_boxes(features, proposals, image_sizes)
+        if self.cfg.mask_on:
+            self.detect_masks(features, results)
+        if self.cfg.keypoint_on:
+            self.detect_keypoints(features, results)
+        return results
+
     # ---- training: which RoIs, and what they should predict ----------------------------------
     def label_proposals(self, proposals, target):
         """Match one image's proposals (with its gt boxes appended) to the ground truth.
@@ -147,7 +178,8 @@ class RoIHeads(nn.Module):
             labels = gt_labels[xp.maximum(matched, 0)].astype(xp.int64)
         labels[matched == Matcher.BELOW_LOW_THRESHOLD] = 0
         labels[matched == Matcher.BETWEEN_THRESHOLDS] = -1
-        # Crowd regions: only the proposals are tested, never the appended gt boxes (as Detectron).
+        # Crowd regions (ops.crowd_ignore_mask, the RPN's rule too): only the proposals are
+        # tested, never the appended gt boxes (as Detectron).
         ignore = crowd_ignore_mask(proposals, target.get("crowd_boxes"))
         labels[:len(proposals)][ignore] = -1
         return boxes, xp.maximum(matched, 0), labels
@@ -172,112 +204,60 @@ class RoIHeads(nn.Module):
             samples.append(dict(boxes=boxes, labels=labels, matched_idxs=matched, regression_targets=deltas))
         return samples
 
-    def _prepare(self, features, proposals, targets):
-        """Arrays on the features' device and dtype (targets from a loader arrive on the CPU)."""
-        device, dtype = device_of(features[0].data), features[0].dtype
+    # ---- training: one loss per branch ---------------------------------------------------------
+    def box_losses(self, features, samples):
+        """L_cls and L_box (Eq. 1, Fast R-CNN's multi-task loss) over every sampled RoI."""
         xp = get_array_module(features[0].data)
-
-        def move(a, dt=None):
-            a = xp.asarray(to_device(a.data if isinstance(a, Tensor) else a, device))
-            return a if dt is None else a.astype(dt, copy=False)
-
-        proposals = [move(p, dtype).reshape(-1, 4) for p in proposals]
-        if targets is not None:
-            moved = []
-            for t in targets:
-                needed = ("boxes", "labels") + ("masks",) * self.cfg.mask_on
-                needed += ("keypoints",) * self.cfg.keypoint_on
-                for key in needed:
-                    if key not in t:
-                        raise ValueError(f"roi_heads: each target needs {key!r}, got keys {sorted(t)}")
-                m = dict(boxes=move(t["boxes"], dtype).reshape(-1, 4), labels=move(t["labels"], xp.int64))
-                if self.cfg.mask_on:
-                    m["masks"] = move(t["masks"])
-                if self.cfg.keypoint_on:
-                    kp = move(t["keypoints"], dtype)
-                    m["keypoints"] = kp.reshape(len(m["boxes"]), self.cfg.num_keypoints, 3)
-                if t.get("crowd_boxes") is not None:
-                    m["crowd_boxes"] = move(t["crowd_boxes"], dtype).reshape(-1, 4)
-                n_masks = len(m.get("masks", m["boxes"]))  # a model without masks needs none
-                if len(m["labels"]) != len(m["boxes"]) or n_masks != len(m["boxes"]):
-                    raise ValueError(f"roi_heads: target has {len(m['boxes'])} boxes, "
-                                     f"{len(m['labels'])} labels and {n_masks} masks (one each)")
-                moved.append(m)
-            targets = moved
-        return proposals, targets
-
-    # ---- forward -----------------------------------------------------------------------------
-    def forward(self, features, proposals, image_sizes, targets=None):
-        features = list(features)[:len(FPN_STRIDES)]
-        if len(features) != len(FPN_STRIDES):
-            raise ValueError(f"roi_heads: expected the {len(FPN_STRIDES)} maps P2..P5, got {len(features)}")
-        if len(proposals) != features[0].shape[0] or len(image_sizes) != features[0].shape[0]:
-            raise ValueError(f"roi_heads: {len(proposals)} proposal arrays and {len(image_sizes)} image "
-                             f"sizes for a batch of {features[0].shape[0]} images")
-        if self.training:
-            if targets is None:
-                raise ValueError("roi_heads: training mode needs targets (call .eval() for inference)")
-            proposals, targets = self._prepare(features, proposals, targets)
-            return [], self.losses(features, proposals, targets)
-        proposals, _ = self._prepare(features, proposals, None)
-        with no_grad():
-            return self.detect(features, proposals, image_sizes), {}
-
-    def losses(self, features, proposals, targets):
-        """L_cls + L_box + L_mask of Eq. 1 for a batch (Tensors)."""
-        cfg = self.cfg
-        xp = get_array_module(features[0].data)
-        samples = self.select_training_samples(proposals, targets)
-
         box_features = self.box_roi_pool(features, [s["boxes"] for s in samples])
         class_logits, box_regression = self.box_predictor(self.box_head(box_features))
         labels = xp.concatenate([s["labels"] for s in samples])
         deltas = xp.concatenate([s["regression_targets"] for s in samples])
         loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, deltas)
+        return {"loss_cls": loss_cls, "loss_box": loss_box}
 
-        losses = {"loss_cls": loss_cls, "loss_box": loss_box}
-        if cfg.keypoint_on:
-            losses["loss_keypoint"] = self.keypoint_losses(features, samples, targets)
-        if not cfg.mask_on:
-            return losses
-        # The mask branch sees the positive RoIs only, each with its gt mask cropped to the RoI.
-        pos_boxes, pos_labels, mask_targets = [], [], []
+    def mask_losses(self, features, samples, targets):
+        """L_mask (Sec. 3, "defined only on positive RoIs"): each positive RoI with its matched
+        gt mask cropped to the RoI and resized to m x m, against its class's mask."""
+        cfg = self.cfg
+        xp = get_array_module(features[0].data)
+        boxes, labels, mask_targets = [], [], []
         for s, t in zip(samples, targets):
             pos = xp.nonzero(s["labels"] > 0)[0]
-            pos_boxes.append(s["boxes"][pos])
-            pos_labels.append(s["labels"][pos])
+            boxes.append(s["boxes"][pos])
+            labels.append(s["labels"][pos])
             mask_targets.append(project_masks_on_boxes(t["masks"], s["boxes"][pos], s["matched_idxs"][pos],
                                                        self.mask_resolution, aligned=cfg.aligned))
-        mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, pos_boxes)))
-        loss_mask = mask_loss(mask_logits, xp.concatenate(mask_targets), xp.concatenate(pos_labels),
-                              cfg.mask_loss, cfg.class_agnostic_masks)
-        losses["loss_mask"] = loss_mask
-        return losses
+        logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes)))
+        return mask_loss(logits, xp.concatenate(mask_targets), xp.concatenate(labels),
+                         cfg.mask_loss, cfg.class_agnostic_masks)
 
     def keypoint_losses(self, features, samples, targets):
         """L_keypoint (Sec. 5): the positive RoIs of the keypoint class ("trained on RoIs of the
         person class only"), each with the keypoints of its matched gt, one-hot on 56x56."""
+        cfg = self.cfg
         xp = get_array_module(features[0].data)
         boxes, heatmaps, valid = [], [], []
         for s, t in zip(samples, targets):
-            pos = xp.nonzero(s["labels"] == self.cfg.keypoint_label)[0]
-            rois = enlarge_boxes(s["boxes"][pos], self.cfg.keypoint_box_scale)  # same RoIs as at test
+            pos = xp.nonzero(s["labels"] == cfg.keypoint_label)[0]
+            rois = enlarge_boxes(s["boxes"][pos], cfg.keypoint_box_scale)  # same RoIs as at test
             boxes.append(rois)
             gt = t["keypoints"][s["matched_idxs"][pos]]
-            h, v = keypoints_to_heatmap(gt, rois, 4 * self.cfg.keypoint_pool_size)
+            h, v = keypoints_to_heatmap(gt, rois, 4 * cfg.keypoint_pool_size)
             heatmaps.append(h)
             valid.append(v)
         logits = self.keypoint_predictor(self.keypoint_head(self.keypoint_roi_pool(features, boxes)))
         return keypoint_loss(logits, xp.concatenate(heatmaps), xp.concatenate(valid))
 
-    # ---- inference ---------------------------------------------------------------------------
-    def detect(self, features, proposals, image_sizes):
-        """Detections per image (plain arrays): boxes, scores, labels, mask_probs."""
+    # ---- inference: one helper per branch --------------------------------------------------------
+    def detect_boxes(self, features, proposals, image_sizes):
+        """One dict per image with ``boxes``, ``scores``, ``labels``: class probabilities and
+        class-specific boxes for every proposal, then score threshold, per-class NMS and the
+        top ``box_detections_per_img``."""
         cfg = self.cfg
         xp = get_array_module(features[0].data)
-        dtype, m = features[0].dtype, self.mask_resolution
         counts = [len(p) for p in proposals]
         if sum(counts) == 0:
+            dtype = features[0].dtype
             nothing = (xp.zeros((0, 4), dtype), xp.zeros((0,), dtype), xp.zeros((0,), xp.int64))
             found = [nothing] * len(proposals)
         else:
@@ -287,24 +267,25 @@ class RoIHeads(nn.Module):
             boxes = self.box_coder.decode(box_regression.data, xp.concatenate(proposals))
             found = postprocess_detections(class_probs, boxes, image_sizes, counts, cfg.box_score_thresh,
                                            cfg.box_nms_thresh, cfg.box_detections_per_img)
-        results = [dict(boxes=b, scores=s, labels=lab) for b, s, lab in found]
+        return [dict(boxes=b, scores=s, labels=lab) for b, s, lab in found]
 
-        det_boxes = [r["boxes"] for r in results]
-        det_labels = xp.concatenate([r["labels"] for r in results])
-        if cfg.keypoint_on:
-            self.detect_keypoints(features, results)
-        if not cfg.mask_on:
-            return results
-        if len(det_labels) == 0:
-            probs = xp.zeros((0, m, m), dtype)
+    def detect_masks(self, features, results):
+        """Adds ``mask_probs`` (D, m, m) to each image's results: the mask branch on the detected
+        boxes, each read at its predicted class (mask_head.mask_probabilities)."""
+        cfg = self.cfg
+        xp = get_array_module(features[0].data)
+        m = self.mask_resolution
+        labels = xp.concatenate([r["labels"] for r in results])
+        if len(labels) == 0:
+            probs = xp.zeros((0, m, m), features[0].dtype)
         else:
-            mask_logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, det_boxes)))
-            probs = mask_probabilities(mask_logits.data, det_labels, cfg.mask_loss, cfg.class_agnostic_masks)
+            boxes = [r["boxes"] for r in results]
+            logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes)))
+            probs = mask_probabilities(logits.data, labels, cfg.mask_loss, cfg.class_agnostic_masks)
         start = 0
         for r in results:
             r["mask_probs"] = probs[start:start + len(r["boxes"])]
             start += len(r["boxes"])
-        return results
 
     def detect_keypoints(self, features, results):
         """Adds ``keypoints`` (D, K, 3) and ``keypoints_scores`` (D, K) to each image's results:
@@ -329,4 +310,4 @@ class RoIHeads(nn.Module):
             start += len(b)
 
 
-__all__ = ["RoIHeads", "crowd_ignore_mask", "FPN_STRIDES"]
+__all__ = ["RoIHeads"]

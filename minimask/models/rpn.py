@@ -28,7 +28,8 @@ Two things happen with its outputs:
 **Crowd regions.**  COCO marks crowds ("iscrowd") with one box around many unlabelled objects.
 Training the anchors on those objects as background would teach the RPN to miss people in
 crowds, so an anchor that would be *negative* and whose area lies more than 70% inside a crowd
-box (intersection over the anchor's own area > 0.7, tensorpack's rule) is ignored instead.
+box (intersection over the anchor's own area > 0.7, tensorpack's rule; ``ops.crowd_ignore_mask``,
+the same rule as the RoI heads') is ignored instead.
 Positive anchors, matched to real boxes, keep their label.
 
 **Layout.**  The head gives objectness ``(N, A, H, W)`` and deltas ``(N, 4A, H, W)`` per level;
@@ -51,10 +52,10 @@ from ..ops import (
     batched_nms,
     box_iou,
     clip_boxes,
+    crowd_ignore_mask,
     remove_small_boxes,
 )
 
-CROWD_IOA_THRESH = 0.7  # anchor area inside a crowd box above which a negative is ignored
 SMOOTH_L1_BETA = 1.0 / 9  # torchvision's and Detectron's RPN box loss
 
 
@@ -103,32 +104,27 @@ def flatten_predictions(objectness, deltas):
     return F.concat(flat_obj, axis=1), F.concat(flat_deltas, axis=1)
 
 
-def _ioa(anchors, regions):
-    """``(num_anchors, num_regions)``: intersection area over the *anchor's* area."""
-    xp = get_array_module(anchors)
-    top_left = xp.maximum(anchors[:, None, :2], regions[None, :, :2])
-    bottom_right = xp.minimum(anchors[:, None, 2:], regions[None, :, 2:])
-    wh = xp.maximum(bottom_right - top_left, 0)
-    area = (anchors[:, 2] - anchors[:, 0]) * (anchors[:, 3] - anchors[:, 1])
-    return wh[:, :, 0] * wh[:, :, 1] / xp.maximum(area, 1e-12)[:, None]
-
-
 class RegionProposalNetwork(nn.Module):
     """``rpn(features, image_sizes, batch_shape, targets=None) -> (proposals, losses)``.
 
     ``features`` are the pyramid levels [P2, ..., P6] (Tensors, one anchor size each);
     ``image_sizes`` the (h, w) of each image after resizing, before padding (proposals are
     clipped to these); ``batch_shape`` the padded (Hp, Wp) (anchor strides come from it).
-    ``proposals`` is a list of (Ki, 4) float32 arrays, best first; ``losses`` holds
-    ``loss_rpn_cls`` and ``loss_rpn_box`` in training mode and is empty in eval mode.
-    ``targets`` (training): one dict per image with ``boxes`` (G, 4) in resized-image pixels
-    and optionally ``crowd_boxes`` (M, 4).
+    ``proposals`` is a list of (Ki, 4) arrays in the features' dtype and on their device (the
+    RoI heads take them as they are), best first; ``losses`` holds ``loss_rpn_cls`` and
+    ``loss_rpn_box`` in training mode and is empty in eval mode.
+    ``targets`` (training): one dict per image, prepared by the model's transform (on the
+    features' device, ``boxes`` (G, 4) float32 in resized-image pixels, ``crowd_boxes`` (M, 4)
+    float32, possibly (0, 4); a missing ``crowd_boxes`` means none).  Nothing here moves them.
     """
 
     def __init__(self, cfg):
         super().__init__()
         self.cfg = cfg
         levels = len(cfg.anchor_sizes)
+        # No fixed strides: as torchvision, each level's stride is padded size // feature size.
+        # That is not always the backbone's nominal stride (P6 of an 800-row batch has 13 rows,
+        # stride 61, not 64), and converted torchvision weights expect exactly those anchors.
         self.anchor_generator = AnchorGenerator(cfg.anchor_sizes, (tuple(cfg.aspect_ratios),) * levels)
         num_anchors = self.anchor_generator.num_anchors_per_location()
         if len(set(num_anchors)) != 1:
@@ -187,7 +183,7 @@ class RegionProposalNetwork(nn.Module):
 
     # ---- proposals (no gradient) ---------------------------------------------------------
     def filter_proposals(self, objectness, deltas, anchors, image_sizes):
-        """Arrays in, arrays out: per image lists of boxes (K, 4) float32, scores, levels.
+        """Arrays in, arrays out: per image lists of boxes (K, 4) in the deltas' dtype, scores, levels.
 
         ``objectness`` (N, total) logits, ``deltas`` (N, total, 4), ``anchors`` one array per
         level.  Boxes come best first (the order NMS keeps them in).
@@ -230,7 +226,7 @@ class RegionProposalNetwork(nn.Module):
             keep = keep[probs[i][keep] >= self.cfg.rpn_score_thresh]
             b, s, lv = b[keep], probs[i][keep], levels[keep]
             keep = batched_nms(b, s, lv, self.cfg.rpn_nms_thresh)[:post_n]
-            out_boxes.append(b[keep].astype(xp.float32))
+            out_boxes.append(b[keep])
             out_scores.append(s[keep])
             out_levels.append(lv[keep])
         return out_boxes, out_scores, out_levels
@@ -245,7 +241,9 @@ class RegionProposalNetwork(nn.Module):
         xp = get_array_module(anchors)
         labels_list, reg_list = [], []
         for i, t in enumerate(targets):
-            gt = xp.asarray(t["boxes"], dtype=anchors.dtype).reshape(-1, 4)
+            # Targets arrive prepared (on the device, float32 boxes; models/transform.py); a
+            # float64 model (the gradient checks) still matches them in its own precision.
+            gt = t["boxes"].astype(anchors.dtype, copy=False)
             # A box of zero area has best IoU 0, which the low-quality rule would turn into
             # "every anchor is positive", with log(0) regression targets: refuse it.
             flat = (gt[:, 2] <= gt[:, 0]) | (gt[:, 3] <= gt[:, 1])
@@ -261,11 +259,7 @@ class RegionProposalNetwork(nn.Module):
                 labels[matched == Matcher.BETWEEN_THRESHOLDS] = -1
                 pos = xp.nonzero(matched >= 0)[0]
                 reg[pos] = self.box_coder.encode(gt[matched[pos]], anchors[pos])
-            crowd = t.get("crowd_boxes")
-            if crowd is not None and len(crowd) > 0:
-                crowd = xp.asarray(crowd, dtype=anchors.dtype).reshape(-1, 4)
-                in_crowd = _ioa(anchors, crowd).max(axis=1) > CROWD_IOA_THRESH
-                labels[(labels == 0) & in_crowd] = -1
+            labels[(labels == 0) & crowd_ignore_mask(anchors, t.get("crowd_boxes"))] = -1
             labels_list.append(labels)
             reg_list.append(reg)
         return labels_list, reg_list

@@ -1,4 +1,4 @@
-"""Box geometry: area, IoU, clipping, and the Faster R-CNN box parameterization.
+"""Box geometry: area, IoU and IoA, clipping, and the Faster R-CNN box parameterization.
 
 Boxes are ``(N, 4)`` arrays of ``x1, y1, x2, y2`` in pixels, with width ``x2 - x1`` (no +1), as
 in torchvision and Detectron2.  Everything here takes and returns plain NumPy or CuPy arrays (no
@@ -8,6 +8,8 @@ predicted *deltas*, and ``BoxCoder.encode`` only makes their targets.
 - IoU (intersection over union) is the overlap measure used everywhere: to label anchors and
   proposals (Faster R-CNN, Ren et al. 2015, Sec. 3.1.2; Mask R-CNN Sec. 3.1 "Training": an RoI
   is positive if its IoU with a ground-truth box is at least 0.5), and in NMS.
+- IoA (intersection over the first box's area) decides which anchors and proposals lie in
+  a crowd region, to be ignored in training.
 - ``BoxCoder`` is the box regression target of Faster R-CNN Sec. 3.1.2 (Eq. 2), which it takes
   from R-CNN (Girshick et al. 2014, Appendix C):
 
@@ -35,11 +37,20 @@ def box_area(boxes):
     return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
 
 
+def _intersection(boxes1, boxes2):
+    """``(N, M)`` intersection areas: the box between the larger top-left and the smaller
+    bottom-right corner, empty (area 0) where those cross."""
+    xp = get_array_module(boxes1, boxes2)
+    top_left = xp.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
+    bottom_right = xp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
+    wh = xp.maximum(bottom_right - top_left, 0)  # crossed corners: no overlap, not negative
+    return wh[:, :, 0] * wh[:, :, 1]
+
+
 def box_iou(boxes1, boxes2):
     """Pairwise IoU of ``(N, 4)`` and ``(M, 4)`` boxes: an ``(N, M)`` array.
 
-    IoU = |A intersect B| / |A union B|.  The intersection of two boxes is the box between the
-    larger top-left and the smaller bottom-right corner, empty (area 0) where those cross.
+    IoU = |A intersect B| / |A union B|.
 
     Where the union is 0 (two zero-area boxes) torchvision returns 0/0 = NaN; we return 0, since
     such boxes do not overlap in any useful sense and a NaN would leak into the Matcher (NaN
@@ -49,15 +60,47 @@ def box_iou(boxes1, boxes2):
     _check_boxes(boxes1, "boxes1")
     _check_boxes(boxes2, "boxes2")
     xp = get_array_module(boxes1, boxes2)
-    area1 = box_area(boxes1)
-    area2 = box_area(boxes2)
-    top_left = xp.maximum(boxes1[:, None, :2], boxes2[None, :, :2])  # (N, M, 2)
-    bottom_right = xp.minimum(boxes1[:, None, 2:], boxes2[None, :, 2:])
-    wh = xp.maximum(bottom_right - top_left, 0)  # crossed corners: no overlap, not negative
-    inter = wh[:, :, 0] * wh[:, :, 1]
-    union = area1[:, None] + area2[None, :] - inter
+    inter = _intersection(boxes1, boxes2)
+    union = box_area(boxes1)[:, None] + box_area(boxes2)[None, :] - inter
     safe_union = xp.where(union > 0, union, 1)  # inter is 0 wherever union is 0
     return inter / safe_union
+
+
+def box_ioa(boxes, regions):
+    """Pairwise intersection over the area of the *first* boxes: an ``(N, M)`` array.
+
+    IoA = |box intersect region| / |box|: how much of each box lies inside each region.  Unlike
+    IoU it is not symmetric, and a small box wholly inside a large region scores 1 (its IoU would
+    be small).  That is what a crowd region needs (``crowd_ignore_mask``), and what COCO's own
+    evaluation uses for crowd ground truth.  A zero-area box has IoA 0 with everything.
+    """
+    _check_boxes(boxes, "boxes")
+    _check_boxes(regions, "regions")
+    xp = get_array_module(boxes, regions)
+    return _intersection(boxes, regions) / xp.maximum(box_area(boxes), 1e-12)[:, None]
+
+
+# An anchor or proposal with more than this fraction of its area inside a crowd region is
+# ignored in training (Detectron's CROWD_FILTER_THRESH, tensorpack's anchor rule).
+CROWD_IOA_THRESH = 0.7
+
+
+def crowd_ignore_mask(boxes, crowd_boxes, threshold=CROWD_IOA_THRESH):
+    """``(N,)`` bool: True for boxes lying mostly inside some crowd region, IoA > ``threshold``.
+
+    COCO marks groups of objects too dense to outline one by one as ``iscrowd`` regions.  Such a
+    region is no ground truth to learn a box from, but an anchor or RoI inside it is not
+    background either: training it as background would teach the detector to miss the people
+    in a crowd.  Both stages therefore ignore such boxes (neither positive nor negative), the
+    RPN for its would-be negative anchors, the RoI heads for their proposals (Detectron's
+    ``_filter_crowd_proposals``).  The overlap is IoA (``box_ioa``), not IoU, since a small box
+    inside a large crowd region has a small IoU but is still covered.  ``crowd_boxes`` may be
+    None or empty (no crowd: nothing is ignored).
+    """
+    xp = get_array_module(boxes)
+    if crowd_boxes is None or len(crowd_boxes) == 0 or len(boxes) == 0:
+        return xp.zeros((len(boxes),), dtype=bool)
+    return box_ioa(boxes, crowd_boxes).max(axis=1) > threshold
 
 
 def clip_boxes(boxes, image_size):
