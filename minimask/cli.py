@@ -67,10 +67,12 @@ def _train(args, parser):
     train_ann, train_images = args.train_ann, args.train_images
     val_ann, val_images = args.val_ann, args.val_images
     if train_ann is None:
-        if args.config not in ("shapes", "figures"):
+        from .data.synthetic import GENERATORS, ensure_synthetic
+
+        if args.config not in GENERATORS:
             parser.error(f"--train-ann is needed for --config {args.config} "
-                         f"(only 'shapes' and 'figures' make their own data)")
-        train_ann, val_ann = _shapes_data(f"data/{args.config}", kind=args.config)
+                         f"(only {' and '.join(repr(k) for k in GENERATORS)} make their own data)")
+        train_ann, val_ann = ensure_synthetic(args.config, f"data/{args.config}")
         train_images = val_images = None
     out = args.out or os.path.join("runs", args.config)
     summary = train(cfg, train_ann, train_images, val_ann, val_images, out_dir=out, device=args.device,
@@ -80,31 +82,12 @@ def _train(args, parser):
             print(f"{kind} AP {stats['AP']:.3f}  AP50 {stats['AP50']:.3f}  AP75 {stats['AP75']:.3f}")
 
 
-def _shapes_data(folder, kind="shapes"):
-    """``folder/train.json`` and ``val.json``, generated with the defaults of ``data shapes``
-    (or ``data figures``) the first time."""
-    train_json, val_json = os.path.join(folder, "train.json"), os.path.join(folder, "val.json")
-    if not (os.path.isfile(train_json) and os.path.isfile(val_json)):
-        if kind == "figures":
-            from .data.figures import make_figures as make
-        else:
-            from .data.shapes import make_shapes as make
-
-        print(f"no data given: generating the synthetic {kind} data set in {folder}/ (once)")
-        make(folder)
-    return train_json, val_json
-
-
 def _eval(args, parser):
     from .data import CocoDataset
     from .engine import Predictor, evaluate
 
     dataset = CocoDataset(args.ann, args.images, train=False)
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
-    cfg = getattr(predictor.model, "cfg", None)  # any model with predict() can be evaluated
-    if getattr(cfg, "labels_are_coco_ids", False):
-        # torchvision's COCO models predict the category id itself (91 outputs), not 1..80.
-        dataset.label_to_cat_id = {i: i for i in range(1, cfg.num_classes)}
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
     metrics = evaluate(predictor.model, dataset, out_dir=out, batch_size=args.batch_size, progress=True)
@@ -194,23 +177,23 @@ def _data_synthetic(args, parser=None):
     """``minimask data shapes|figures``: draw the synthetic data set and say where it went."""
     import time
 
-    if args.data_command == "figures":
-        from .data.figures import make_figures as make
-    else:
-        from .data.shapes import make_shapes as make
+    from .data.synthetic import GENERATORS
 
+    make = GENERATORS[args.data_command]
     t = time.perf_counter()
     train_json, val_json = make(args.out, train=args.train, val=args.val, seed=args.seed, size=args.size)
     print(f"wrote {args.train} + {args.val} images of {args.size} px to {args.out}/images/, "
           f"annotations {train_json} and {val_json} ({time.perf_counter() - t:.1f} s)")
 
 
-def _add_synthetic_parser(dsub, name, help, train):
-    """The options shared by ``data shapes`` and ``data figures`` (``train``: the default count,
-    the generator's own)."""
+def _add_synthetic_parser(dsub, name, help):
+    """The options shared by ``data shapes`` and ``data figures`` (the default count of training
+    images is the generator's own)."""
+    from .data.synthetic import default_train_count
+
     s = dsub.add_parser(name, help=help)
     s.add_argument("--out", required=True, help="output folder (created if missing)")
-    s.add_argument("--train", type=int, default=train, help="number of training images")
+    s.add_argument("--train", type=int, default=default_train_count(name), help="number of training images")
     s.add_argument("--val", type=int, default=200, help="number of validation images")
     s.add_argument("--seed", type=int, default=0, help="same seed, same files byte for byte")
     s.add_argument("--size", type=int, default=128, help="image side in pixels")
@@ -223,10 +206,9 @@ def build_parser():
 
     d = sub.add_parser("data", help="make data sets")
     dsub = d.add_subparsers(dest="data_command", required=True)
-    _add_synthetic_parser(dsub, "shapes", "synthetic shapes in COCO format (train.json, val.json, images/)",
-                          train=1000)
+    _add_synthetic_parser(dsub, "shapes", "synthetic shapes in COCO format (train.json, val.json, images/)")
     _add_synthetic_parser(dsub, "figures", "synthetic stick figures with 11 keypoints and distractor shapes, "
-                                           "COCO keypoint format (train.json, val.json, images/)", train=4000)
+                                           "COCO keypoint format (train.json, val.json, images/)")
     u = dsub.add_parser("subset", help="cut N random images (and their annotations) out of a COCO file",
                         description="Write OUT/NAME.json with N randomly drawn images of --ann and their "
                                     "annotations (all categories kept), and link their files into "

@@ -156,6 +156,18 @@ def load_weights(model, state, origin=None, source="weights"):
     return model
 
 
+def torchvision_config():
+    """The ``torchvision_r50_fpn`` preset with the names of its 91 outputs (COCO category ids;
+    the unused ids "N/A", as torchvision names them): the converter knows the data its weights
+    were trained on, the preset does not."""
+    import dataclasses
+
+    from .categories import coco_class_names
+    from .models import preset
+
+    return dataclasses.replace(preset(PRESET), class_names=coco_class_names(91))
+
+
 def convert_weights(pth_path, npz_path, config=None):
     """``.pth`` -> minimask checkpoint ``.npz`` (weights + the config to rebuild the model).
 
@@ -165,9 +177,9 @@ def convert_weights(pth_path, npz_path, config=None):
     ``--checkpoint``, and ``minimask eval --checkpoint``, read it.  Returns a summary dict.
     """
     from .engine.checkpoint import save_checkpoint
-    from .models import MaskRCNN, preset
+    from .models import MaskRCNN
 
-    config = config or preset(PRESET)
+    config = config or torchvision_config()
     state, origin = convert_state_dict(read_pth(pth_path), source=os.fspath(pth_path))
     model = load_weights(MaskRCNN(config), state, origin, source=os.fspath(pth_path))
     renamed = sum(1 for k, v in origin.items() if k != v)
@@ -181,7 +193,7 @@ def load_weights_file(path, config=None):
     used unless ``config`` is given) or a bare ``name -> array`` file in either torchvision
     naming (built with ``config`` or the torchvision_r50_fpn preset)."""
     from .engine.checkpoint import load_checkpoint
-    from .models import MaskRCNN, preset
+    from .models import MaskRCNN
     from .nn import load_npz
 
     path = os.fspath(path)
@@ -196,12 +208,12 @@ def load_weights_file(path, config=None):
     if "meta" in arrays:
         ckpt = load_checkpoint(path)
         state, origin = ckpt["model"], None
-        config = config or ckpt["config"] or preset(PRESET)
+        config = config or ckpt["config"] or torchvision_config()
     else:
         state, origin = convert_state_dict(arrays, source=path)
-        config = config or preset(PRESET)
+        config = config or torchvision_config()
     return load_weights(MaskRCNN(config), state, origin, source=path)
 
 
 __all__ = ["read_pth", "convert_state_dict", "state_dict_to_numpy", "check_weights", "load_weights",
-           "convert_weights", "load_weights_file", "minimask_name", "PRESET"]
+           "convert_weights", "load_weights_file", "minimask_name", "PRESET", "torchvision_config"]

@@ -12,7 +12,7 @@ from PIL import Image
 from minimask import Tensor
 from minimask.cli import main
 from minimask.data import make_split
-from minimask.engine import trainer
+import minimask.models as models
 from minimask.engine.predictor import save_drawing
 from minimask.models.config import PRESETS
 from minimask.nn import Module, Parameter
@@ -25,6 +25,9 @@ class FakeModel(Module):
     def __init__(self, cfg):
         super().__init__()
         self.bias = Parameter(np.zeros(1, np.float32))
+
+    def reseed(self, seed, iteration):
+        pass  # no random draws
 
     def forward(self, images, targets):
         mean = float(np.mean([im.mean() for im in images])) / 255.0
@@ -105,7 +108,7 @@ def test_runtime_errors_are_one_line_with_exit_code_1(shapes, tmp_path, capsys):
 
 
 def test_train_predict_eval_end_to_end(shapes, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(trainer, "build_model", FakeModel)
+    monkeypatch.setattr(models, "build_model", FakeModel)
     run = tmp_path / "run"
     assert main(["train", "--train-ann", shapes[0], "--val-ann", shapes[1], "--iters", "4", "--out", str(run),
                  "--set", "batch_size=2", "--set", "checkpoint_period=2", "--set", "warmup_iters=1"]) == 0
@@ -141,7 +144,7 @@ def test_train_predict_eval_end_to_end(shapes, tmp_path, monkeypatch, capsys):
 
 
 def test_train_without_data_flags_makes_shapes(tmp_path, monkeypatch):
-    import minimask.data.shapes as shapes_module
+    import minimask.data.synthetic as synthetic
 
     made = []
 
@@ -149,8 +152,8 @@ def test_train_without_data_flags_makes_shapes(tmp_path, monkeypatch):
         made.append(out_dir)
         return (make_split(out_dir, "train", 2, size=64), make_split(out_dir, "val", 1, size=64))
 
-    monkeypatch.setattr(shapes_module, "make_shapes", tiny_shapes)
-    monkeypatch.setattr(trainer, "build_model", FakeModel)
+    monkeypatch.setitem(synthetic.GENERATORS, "shapes", tiny_shapes)
+    monkeypatch.setattr(models, "build_model", FakeModel)
     monkeypatch.chdir(tmp_path)
     argv = ["train", "--iters", "1", "--set", "batch_size=1"]
     assert main(argv) == 0

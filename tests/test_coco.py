@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from minimask.data import CocoDataset
-from minimask.data.categories import COCO_CATEGORIES, COCO_KEYPOINT_FLIP_MAP, COCO_KEYPOINT_NAMES
+from minimask.categories import COCO_CATEGORIES, COCO_KEYPOINT_FLIP_MAP, COCO_KEYPOINT_NAMES
 
 H, W = 30, 40
 

@@ -22,7 +22,7 @@ import pytest
 
 from minimask import functional as F
 from minimask.cli import main
-from minimask.data.transforms import resized_size
+from minimask.models.transform import resized_size
 from minimask.interop import (
     check_weights,
     convert_state_dict,
@@ -437,7 +437,7 @@ def test_predict_with_converted_weights_names_coco_classes(pair, tmp_path):
     """``minimask predict --weights``: torchvision's detections, drawn and named by COCO class."""
     from PIL import Image
 
-    from minimask.data.categories import COCO_CATEGORIES
+    from minimask.categories import COCO_CATEGORIES
     from minimask.engine.checkpoint import save_checkpoint
 
     # The converted file with this test's small settings (convert-weights stores the preset's).

@@ -247,7 +247,7 @@ def test_keypoint_box_scale_out_of_range_is_a_clear_error():
 
 
 def test_hflip_swaps_left_and_right_joints():
-    from minimask.data.categories import keypoint_flip_map
+    from minimask.categories import keypoint_flip_map
 
     flip = keypoint_flip_map(KEYPOINT_NAMES)
     names = list(KEYPOINT_NAMES)

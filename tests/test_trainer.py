@@ -23,7 +23,7 @@ from minimask.engine.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from minimask.engine.trainer import seed_samplers, train
+from minimask.engine.trainer import train, train_step
 from minimask.models.config import preset
 from minimask.nn import Module, Parameter
 from minimask.ops.matcher import BalancedPositiveNegativeSampler
@@ -41,6 +41,10 @@ class FakeModel(Module):
         self.sampler = BalancedPositiveNegativeSampler(8, 0.5, seed=cfg.seed)
         self.scale_rng = np.random.default_rng(cfg.seed)  # a generator held directly (as MaskRCNN's)
         self.nan_at, self.fail_at, self.calls = nan_at, fail_at, 0
+
+    def reseed(self, seed, iteration):  # as MaskRCNN.reseed: every generator from (seed, iteration)
+        self.sampler.rng = np.random.default_rng([seed, 2, iteration, 0])
+        self.scale_rng = np.random.default_rng([seed, 2, iteration, 1])
 
     def forward(self, images, targets):
         it, self.calls = self.calls, self.calls + 1
@@ -210,18 +214,22 @@ def test_class_count_mismatch_says_what_to_set(shapes, tmp_path):
 # ---------------------------------------------------------------- pieces
 
 
-def test_seed_samplers_depends_only_on_seed_and_iteration():
+def test_train_step_updates_once_and_refuses_a_nan_before_the_update():
     cfg = small_cfg()
-    a, b = FakeModel(cfg), FakeModel(cfg)
-    a.sampler.rng.random(5)  # a different running state must not matter
-    a.scale_rng.random(2)
-    assert seed_samplers(a, 7, 4) == 2
-    seed_samplers(b, 7, 4)
-    np.testing.assert_array_equal(a.sampler.rng.random(3), b.sampler.rng.random(3))
-    np.testing.assert_array_equal(a.scale_rng.random(3), b.scale_rng.random(3))
-    assert not np.array_equal(a.sampler.rng.random(3), a.scale_rng.random(3))  # not one stream twice
-    seed_samplers(b, 7, 5)
-    assert not np.array_equal(a.sampler.rng.random(3), b.sampler.rng.random(3))
+    model = FakeModel(cfg, nan_at=1)
+    optimizer = SGD(model.parameters(), lr=0.1, momentum=0.0)
+    scheduler = WarmupMultiStepLR(optimizer, (10,), warmup_iters=0)
+    images = [np.full((8, 8, 3), 200, np.uint8)]
+    targets = [{"boxes": np.array([[1.0, 1, 4, 4]], np.float32)}]
+    w0 = model.w.data.copy()
+    values = train_step(model, optimizer, scheduler, images, targets)
+    assert set(values) == {"loss_fit", "loss_reg", "total"}
+    assert values["total"] == pytest.approx(values["loss_fit"] + values["loss_reg"])
+    assert not np.array_equal(model.w.data, w0) and scheduler.last_iter == 1
+    w1 = model.w.data.copy()
+    with pytest.raises(FloatingPointError, match="loss_reg is nan"):
+        train_step(model, optimizer, scheduler, images, targets)
+    np.testing.assert_array_equal(model.w.data, w1)  # no update from the bad step
 
 
 def test_checkpoint_round_trip_and_pruning(tmp_path):

@@ -1,19 +1,16 @@
-"""Transforms: flip twice is the identity, resize sizes and box scaling, bilinear/nearest as
-PyTorch's interpolate, normalize, padding to a multiple of 32."""
+"""Transforms: the data's flips (flip twice is the identity) and the model's input transform
+(resize sizes and box scaling, bilinear/nearest as PyTorch's interpolate, normalize, padding to
+a multiple of 32, targets checked and typed once)."""
+
+import dataclasses
 
 import numpy as np
 import pytest
 
-from minimask.data.transforms import (
-    RandomHorizontalFlip,
-    batch_images,
-    hflip,
-    normalize,
-    resize,
-    resize_image,
-    resize_masks,
-    resized_size,
-)
+from minimask.data.transforms import RandomHorizontalFlip, hflip
+from minimask.functional.resize import resize_image, resize_masks
+from minimask.models import preset
+from minimask.models.transform import RCNNTransform, batch_images, normalize, resize, resized_size
 
 
 def make_sample(rng, h=37, w=53, n=3):
@@ -86,7 +83,7 @@ def test_resized_size(h, w, min_size, max_size, expected):
 
 def test_resize_scales_boxes_and_masks(rng):
     image, target = make_sample(rng, h=40, w=60)
-    out, t = resize(image, target, min_size=80, max_size=1000)
+    out, t = resize(image, target, (80, 120))
     assert out.shape == (80, 120, 3) and out.dtype == np.uint8
     assert t["masks"].shape == (3, 80, 120)
     np.testing.assert_allclose(t["boxes"], target["boxes"] * 2)
@@ -96,12 +93,11 @@ def test_resize_scales_boxes_and_masks(rng):
     for box, m in zip(t["boxes"], t["masks"]):
         ys, xs = np.nonzero(m)
         np.testing.assert_array_equal(box, [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1])
-    out, t = resize(image, target, min_size=20, max_size=1000)
+    out, t = resize(image, target, (20, 30))
     assert out.shape == (20, 30, 3)
     np.testing.assert_allclose(t["boxes"], target["boxes"] / 2)
-    assert resize(image, None, 20, 1000)[1] is None
-    with pytest.raises(ValueError, match=r"\(H, W, C\)"):
-        resize(image[..., 0], None, 20, 1000)
+    np.testing.assert_allclose(t["crowd_boxes"], target["crowd_boxes"] / 2)
+    assert resize(image, None, (20, 30))[1] is None
 
 
 def test_resize_image_constant_stays_constant():
@@ -129,10 +125,28 @@ def test_normalize(rng):
     assert out.shape == (3, 5, 6) and out.dtype == np.float32
     for c in range(3):
         np.testing.assert_allclose(out[c], (image[..., c] / 255.0 - mean[c]) / std[c], rtol=1e-5)
-    outs = normalize([image, image[:2]], mean, std)
-    assert [o.shape for o in outs] == [(3, 5, 6), (3, 2, 6)]
-    with pytest.raises(ValueError, match="RGB"):
-        normalize(image[..., :2], mean, std)
+
+
+def test_prepare_targets_checks_once_and_fixes_dtypes(rng):
+    cfg = dataclasses.replace(preset("shapes"), num_classes=4)
+    transform = RCNNTransform(cfg)
+    image, target = make_sample(rng)
+    target = dict(target, boxes=target["boxes"].astype(np.float64), labels=target["labels"].astype(np.int32))
+    del target["crowd_boxes"]
+    (t,) = transform.prepare_targets([target], [image.shape[:2]])
+    assert t["boxes"].dtype == np.float32 and t["labels"].dtype == np.int64 and t["masks"].dtype == np.uint8
+    assert t["crowd_boxes"].shape == (0, 4) and t["crowd_boxes"].dtype == np.float32
+    assert "image_id" not in t  # only what the model reads
+    with pytest.raises(ValueError, match="target 0 needs 'masks'"):
+        transform.prepare_targets([{"boxes": t["boxes"], "labels": t["labels"]}], [image.shape[:2]])
+    with pytest.raises(ValueError, match="labels must be in 1..3"):
+        transform.prepare_targets([dict(target, labels=np.array([1, 2, 4]))], [image.shape[:2]])
+    with pytest.raises(ValueError, match=r"masks should be \(G, 10, 10\)"):
+        transform.prepare_targets([target], [(10, 10)])
+    with pytest.raises(ValueError, match="3 boxes and 2 labels"):
+        transform.prepare_targets([dict(target, labels=np.array([1, 2]))], [image.shape[:2]])
+    with pytest.raises(ValueError, match=r"\(H, W, 3\) RGB"):
+        transform([image[..., :2]])
 
 
 def test_batch_images_pads_to_multiple_of_32(rng):
@@ -156,8 +170,9 @@ def test_transforms_on_cupy_match_numpy(rng):
     import cupy
 
     image, target = make_sample(rng)
-    out, _ = resize(image, None, 60, 1000)
-    out_gpu, _ = resize(cupy.asarray(image), None, 60, 1000)
+    size = resized_size(*image.shape[:2], 60, 1000)
+    out, _ = resize(image, None, size)
+    out_gpu, _ = resize(cupy.asarray(image), None, size)
     np.testing.assert_array_equal(out_gpu.get(), out)
     norm = normalize(out, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))
     norm_gpu = normalize(out_gpu, (0.5, 0.5, 0.5), (0.2, 0.2, 0.2))

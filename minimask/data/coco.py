@@ -120,7 +120,7 @@ class CocoDataset:
 
     def _keypoint_categories(self, cats):
         """Keypoint names, skeleton, flip map and OKS sigmas from the categories that have them."""
-        from .categories import COCO_KEYPOINT_NAMES, COCO_KEYPOINT_SIGMAS, keypoint_flip_map
+        from ..categories import COCO_KEYPOINT_NAMES, COCO_KEYPOINT_SIGMAS, keypoint_flip_map
 
         with_kp = [c for c in cats if c.get("keypoints")]
         self.keypoint_cat_ids = tuple(c["id"] for c in with_kp)

@@ -35,7 +35,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from .shapes import CLASSES as SHAPE_CLASSES
-from .shapes import _background, _contrasting_colour, _polygon, _rasterize, write_split
+from .shapes import background, contrasting_colour, polygon, rasterize, write_split  # the shared drawing rules
 
 CLASSES = ("figure",) + SHAPE_CLASSES
 
@@ -120,7 +120,7 @@ def figure_parts(points, thickness):
 def _union(polys, size):
     mask = np.zeros((size, size), bool)
     for poly in polys:
-        mask |= _rasterize(np.round(poly, 2), size).astype(bool)
+        mask |= rasterize(np.round(poly, 2), size).astype(bool)
     return mask
 
 
@@ -144,7 +144,7 @@ def make_image(rng, size=128, max_figures=3, max_distractors=3):
     """Draw one image.  Returns (image uint8 (size, size, 3), objects); each object is a dict
     with ``label`` (1 figure, 2..4 shapes), ``full`` and ``visible`` masks, and for figures
     ``points`` (11, 2) and ``hidden`` (11,) bool: the joint is covered by a later object."""
-    image = _background(rng, size)
+    image = background(rng, size)
     min_area = MIN_VISIBLE_AREA * (size / 128.0) ** 2
     labels = [1] * int(rng.integers(1, max_figures + 1))
     distractors = int(rng.integers(0, max_distractors + 1))
@@ -157,8 +157,8 @@ def make_image(rng, size=128, max_figures=3, max_distractors=3):
                 points, parts = _place_figure(rng, size)
                 full = parts[0][1] | parts[1][1] | parts[2][1]
             else:
-                poly = _polygon(rng, CLASSES[label - 1], size)
-                full = _rasterize(poly, size).astype(bool)
+                poly = polygon(rng, CLASSES[label - 1], size)
+                full = rasterize(poly, size).astype(bool)
             if full.sum() < 2 * min_area:
                 continue
             if all((o["visible"] & ~full).sum() >= max(min_area, MIN_VISIBLE_FRACTION * o["full"].sum())
@@ -166,7 +166,7 @@ def make_image(rng, size=128, max_figures=3, max_distractors=3):
                 break
         else:
             continue  # no place found that keeps every earlier object visible: drop this one
-        colour = _contrasting_colour(rng, image[full])
+        colour = contrasting_colour(rng, image[full])
         for o in objects:  # what the new object covers is hidden from now on
             o["visible"] &= ~full
             if "points" in o:

@@ -45,7 +45,7 @@ def _random_colour(rng):
     return rng.integers(0, 256, size=3).astype(np.float32)
 
 
-def _background(rng, size):
+def background(rng, size):
     """A (size, size, 3) float32 background: gradient, smooth noise or stripes."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
     kind = rng.integers(3)
@@ -80,7 +80,7 @@ def _box_blur(a, r):
 
 # ---------------------------------------------------------------- shapes as polygons
 
-def _polygon(rng, cls, size):
+def polygon(rng, cls, size):
     """Vertices (V, 2) of a random shape of class ``cls`` that fits inside the image."""
     s = size / 128.0
     r = rng.uniform(9, 26) * s  # "radius": distance from the centre to the farthest vertex
@@ -108,7 +108,7 @@ def _polygon(rng, cls, size):
     return np.round(pts + centre, 2)
 
 
-def _rasterize(poly, size):
+def rasterize(poly, size):
     """Mask (size, size) uint8 of a polygon, by pycocotools, as any COCO reader would decode it."""
     rle = mask_utils.frPyObjects([poly.ravel().tolist()], size, size)
     return mask_utils.decode(mask_utils.merge(rle))
@@ -125,15 +125,15 @@ def make_image(rng, size=128, max_objects=6):
     redrawn (a few tries) or dropped, so every object left is clearly visible and every visible
     shape is annotated.
     """
-    image = _background(rng, size)
+    image = background(rng, size)
     min_area = MIN_VISIBLE_AREA * (size / 128.0) ** 2
     objects = []
     wanted = int(rng.integers(1, max_objects + 1))
     for _ in range(wanted):
         for _try in range(10):
             label = int(rng.integers(len(CLASSES))) + 1
-            poly = _polygon(rng, CLASSES[label - 1], size)
-            full = _rasterize(poly, size).astype(bool)
+            poly = polygon(rng, CLASSES[label - 1], size)
+            full = rasterize(poly, size).astype(bool)
             if full.sum() < 2 * min_area:
                 continue
             # would it bury an earlier object?
@@ -143,7 +143,7 @@ def make_image(rng, size=128, max_objects=6):
             )
             if not ok:
                 continue
-            colour = _contrasting_colour(rng, image[full])
+            colour = contrasting_colour(rng, image[full])
             break
         else:
             continue  # no good place found: drop this object
@@ -159,7 +159,7 @@ def make_image(rng, size=128, max_objects=6):
     return np.clip(np.rint(image), 0, 255).astype(np.uint8), objects
 
 
-def _contrasting_colour(rng, under):
+def contrasting_colour(rng, under):
     """A random colour far (in RGB) from the mean of the pixels ``under`` it; best of 30 tries."""
     mean = under.mean(0)
     best, best_d = None, -1.0
@@ -237,4 +237,5 @@ def make_shapes(out_dir, train=1000, val=200, seed=0, size=128):
             make_split(out_dir, "val", val, seed, size))
 
 
-__all__ = ["CLASSES", "make_image", "annotate", "write_split", "make_split", "make_shapes"]
+__all__ = ["CLASSES", "make_image", "annotate", "write_split", "make_split", "make_shapes", "background",
+           "polygon", "rasterize", "contrasting_colour"]

@@ -108,14 +108,36 @@ def _model_device(model):
     return "cpu"
 
 
+def category_ids(model, dataset):
+    """How the model's labels map to the data set's category ids.
+
+    A model trained here on ``dataset`` predicts contiguous labels 1..K, mapped back with the
+    data set's own table.  torchvision's COCO models (``cfg.labels_are_coco_ids``, the
+    ``torchvision_r50_fpn`` preset) predict the category id itself (91 outputs, ids with gaps),
+    so their labels map to themselves; the data set's categories must then be among those ids.
+    """
+    cfg = getattr(model, "cfg", None)
+    if not getattr(cfg, "labels_are_coco_ids", False):
+        return dict(dataset.label_to_cat_id)
+    known = set(dataset.label_to_cat_id.values())
+    outside = sorted(c for c in known if not 1 <= c < cfg.num_classes)
+    if outside:
+        raise ValueError(f"{getattr(dataset, 'ann_file', 'the data set')}: category ids {outside[:5]} are "
+                         f"not among the model's COCO ids 1..{cfg.num_classes - 1} (its labels are COCO "
+                         f"category ids: labels_are_coco_ids=True)")
+    return {i: i for i in range(1, cfg.num_classes)}
+
+
 def predict_dataset(model, dataset, batch_size=2, progress=False):
-    """Run ``model.predict`` over ``dataset`` in order; return the COCO results list."""
+    """Run ``model.predict`` over ``dataset`` in order; return the COCO results list (labels
+    mapped to category ids by ``category_ids``)."""
     from ..tensor import no_grad
 
     if batch_size < 1:
         raise ValueError(f"evaluate: batch_size must be >= 1, got {batch_size}")
     device = _model_device(model)
-    cat_to_label = {c: k for k, c in dataset.label_to_cat_id.items()}
+    to_cat = category_ids(model, dataset)
+    cat_to_label = {c: k for k, c in to_cat.items()}
     keypoint_labels = {cat_to_label[c] for c in getattr(dataset, "keypoint_cat_ids", ()) if c in cat_to_label}
     was_training = getattr(model, "training", False)
     model.eval()
@@ -132,7 +154,7 @@ def predict_dataset(model, dataset, batch_size=2, progress=False):
                 items = [_image_and_id(dataset, i) for i in range(start, stop)]
                 images = [to_device(image, device) for image, _ in items]
                 for (_, image_id), pred in zip(items, model.predict(images)):
-                    results += to_coco_results(pred, image_id, dataset.label_to_cat_id, keypoint_labels)
+                    results += to_coco_results(pred, image_id, to_cat, keypoint_labels)
     finally:
         model.train(was_training)
     return results
@@ -212,5 +234,5 @@ def evaluate(model, dataset, out_dir=None, batch_size=2, log=print, progress=Fal
     return metrics
 
 
-__all__ = ["evaluate", "predict_dataset", "coco_eval", "to_coco_results", "encode_masks", "STAT_NAMES",
-           "KEYPOINT_STAT_NAMES"]
+__all__ = ["evaluate", "predict_dataset", "coco_eval", "to_coco_results", "encode_masks", "category_ids",
+           "STAT_NAMES", "KEYPOINT_STAT_NAMES"]

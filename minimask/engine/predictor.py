@@ -53,15 +53,15 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path, device="cpu", score_thresh=0.5, model_fn=None):
         """Rebuild the model from the config saved in the checkpoint and load its weights
-        (``model_fn(cfg)`` builds it; default ``trainer.build_model``, the real MaskRCNN)."""
-        from . import trainer
+        (``model_fn(cfg)`` builds it; default ``models.build_model``, the real MaskRCNN)."""
+        from .. import models
         from .checkpoint import load_checkpoint
 
         state = load_checkpoint(path)
         cfg = state["config"]
         if cfg is None:
             raise ValueError(f"{path}: the checkpoint has no config, so the model cannot be rebuilt")
-        model = (model_fn or trainer.build_model)(cfg)
+        model = (model_fn or models.build_model)(cfg)
         model.load_state_dict(state["model"])
         return cls(model, cfg.class_names, device=device, score_thresh=score_thresh,
                    skeleton=getattr(cfg, "keypoint_skeleton", ()))

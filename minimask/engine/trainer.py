@@ -1,32 +1,34 @@
 """The training loop (Sec. 3.1, "Training"): SGD on the multi-task loss, with checkpoints.
 
 Mask R-CNN minimises Eq. 1 of the paper, L = L_cls + L_box + L_mask (plus the RPN's two
-terms, trained jointly as in Faster R-CNN), by SGD with momentum 0.9 and weight decay 1e-4,
-counting *iterations*, not epochs (160k at 16 images per batch on COCO; the lr drops 10x at
-120k).  One iteration here:
+terms, as in Faster R-CNN), by SGD with momentum 0.9 and weight decay 1e-4, counting
+*iterations*, not epochs (160k at 16 images per batch on COCO; the lr drops 10x at 120k).
+The file reads in three pieces, then the loop that strings them together:
 
-    images, targets = batch ``it`` of the loader      (seeded order, random flips)
-    losses = model(images, targets)                   (a dict of scalar Tensors)
-    total = sum(losses.values())
-    optimizer.zero_grad(); total.backward(); optimizer.step(); scheduler.step()
+- ``open_run``: the run folder, ``config.json``, ``metrics.jsonl``, and on ``--resume`` the
+  newest checkpoint (weights, momentum buffers, schedule, data seed);
+- ``train_step(model, optimizer, scheduler, images, targets)``: one iteration, forward, the
+  NaN/inf guard, backward, update; it returns the loss values;
+- ``finish``: the final evaluation, ``loss.png``, ``summary.json``.
 
-Around it, what makes it a tool:
+What makes it a tool:
 
-- ``metrics.jsonl``: one JSON line per iteration (iter, each loss, total, lr, seconds), and
-  ``loss.png`` drawn from it at the end;
+- ``metrics.jsonl``: one JSON line per iteration (iter, each loss, total, lr, seconds);
 - checkpoints every ``cfg.checkpoint_period`` iterations and at the end, the newest
   ``cfg.keep_checkpoints`` kept (``checkpoint.py``);
 - COCO evaluation every ``cfg.eval_period`` iterations (if > 0) and at the end;
 - exact resume: a run stopped and resumed computes the same losses, bit for bit (on the CPU),
   as one that never stopped.  Every random draw is a pure function of (seed, iteration): the
-  loader's order and flips (``data/loader.py``), and the model's generators (anchor and RoI
-  samplers, the training scale), reseeded here before each iteration.  The weights, momentum
-  buffers and schedule come from the checkpoint;
+  loader's order and flips (``data/loader.py``), and the model's own generators, which
+  ``model.reseed(seed, iteration)`` replaces before each iteration;
 - a NaN or infinite loss stops the run *before* the update, naming the term and the
   iteration, so the last checkpoint is still a good one to go back to (with a lower lr, say).
 
-Iterations are counted from 0; a checkpoint is named after the number completed
-(``model_0000010.npz`` after iterations 0..9), which is where a resumed run starts.
+The engine calls the model only through its public surface: ``model(images, targets)`` (the
+loss dict), ``model.predict(images)``, ``model.reseed(seed, iteration)``, and the ``Module``
+methods (``to``, ``train``, ``parameters``, ``state_dict``).  Iterations are counted from 0;
+a checkpoint is named after the number completed (``model_0000010.npz`` after iterations
+0..9), which is where a resumed run starts.
 """
 
 import dataclasses
@@ -37,7 +39,6 @@ import time
 
 import numpy as np
 
-from ..backend import to_device
 from .checkpoint import (
     checkpoint_path,
     latest_checkpoint,
@@ -47,45 +48,49 @@ from .checkpoint import (
     save_checkpoint,
 )
 
-
-def build_model(cfg):
-    """The real model: ``MaskRCNN(cfg)`` (imported here, so the engine does not depend on it)."""
-    from ..models import MaskRCNN
-
-    return MaskRCNN(cfg)
+# ---------------------------------------------------------------- one iteration
 
 
-def seed_samplers(model, seed, iteration):
-    """Give every random generator in ``model`` a new one seeded by (seed, iteration, k).
+def train_step(model, optimizer, scheduler, images, targets):
+    """One SGD iteration on one batch; returns the loss values (floats, with ``total``).
 
-    Found on every module of the model: attributes that are NumPy ``Generator``s (``MaskRCNN``'s
-    ``scale_rng``, drawing the multi-scale training size), and objects with an ``rng``
-    attribute that is one (``BalancedPositiveNegativeSampler`` for the RPN's anchors and the
-    heads' RoIs).  Reseeding them before each iteration makes that iteration's draws depend on
-    nothing but (seed, iteration), so a resumed run need not save their running state.
-    Returns how many were reseeded.
+    forward (the loss dict of Eq. 1), then the guard: a NaN or infinite term raises
+    ``FloatingPointError`` naming it *before* any weight changes; then backward through the sum
+    and one optimizer and scheduler step.
     """
-    k = 0
-    for module in model.modules():
-        for name, value in sorted(vars(module).items()):
-            fresh = np.random.default_rng([seed, 2, iteration, k])
-            if isinstance(value, np.random.Generator):
-                object.__setattr__(module, name, fresh)
-                k += 1
-            elif isinstance(getattr(value, "rng", None), np.random.Generator):
-                value.rng = fresh
-                k += 1
-    return k
+    losses = model(images, targets)
+    values = {k: float(v.item()) for k, v in losses.items()}
+    values["total"] = sum(values.values())
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise FloatingPointError(f"{name} is {v}")
+    total = None
+    for v in losses.values():
+        total = v if total is None else total + v
+    optimizer.zero_grad()
+    total.backward()
+    optimizer.step()
+    scheduler.step()
+    return values
 
 
-def _to_device(images, targets, device):
-    """Images and the arrays of the targets onto ``device`` (no copy for "cpu")."""
-    if device == "cpu":
-        return images, targets
-    images = [to_device(im, device) for im in images]
-    targets = [{k: to_device(v, device) if isinstance(v, np.ndarray) else v for k, v in t.items()}
-               for t in targets]
-    return images, targets
+# ---------------------------------------------------------------- the run folder
+
+
+@dataclasses.dataclass
+class Run:
+    """What a run knows about its folder: where it starts, its data seed, its records."""
+    out_dir: str
+    start: int = 0
+    seed: int = 0
+    state: dict = None          # the checkpoint resumed from (None for a fresh run)
+    records: list = dataclasses.field(default_factory=list)
+    last_good: str = None       # the newest checkpoint written or resumed from
+    train_time: float = 0.0
+
+    @property
+    def metrics_path(self):
+        return os.path.join(self.out_dir, "metrics.jsonl")
 
 
 def _read_metrics(path, before=None):
@@ -97,15 +102,64 @@ def _read_metrics(path, before=None):
     return [r for r in records if before is None or r["iter"] < before]
 
 
-def save_loss_plot(records, path):
-    """Draw ``records`` (metrics.jsonl lines) to a PNG with matplotlib's Agg (no display)."""
-    from ..viz import new_figure, plot_losses
+def _config_changes(old, new):
+    a, b = dataclasses.asdict(old), dataclasses.asdict(new)
+    return {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
 
-    fig = new_figure(8, 5)
-    plot_losses(records, ax=fig.add_subplot())
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+
+def open_run(cfg, out_dir, resume=False, log=print):
+    """Create or reopen the run folder ``out_dir`` for ``cfg``; returns a ``Run``.
+
+    A fresh run refuses a folder that already holds checkpoints; ``resume`` loads the newest
+    one.  ``config.json`` is (re)written, and ``metrics.jsonl`` lines past the checkpoint (from
+    a run that crashed later) are dropped, since those iterations are redone.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    run = Run(out_dir, seed=cfg.seed)
+    if resume:
+        found = latest_checkpoint(out_dir)
+        if found is None:
+            log(f"resume: no checkpoint in {out_dir}, starting from iteration 0")
+        else:
+            run.state = load_checkpoint(found)
+            run.start, run.last_good = run.state["iteration"], found
+            run.seed = run.state["loader"]["seed"]  # the data order of the run being continued
+            log(f"resuming from {found} (iteration {run.start})")
+            changes = _config_changes(run.state["config"], cfg) if run.state["config"] is not None else {}
+            if changes:
+                log("note: the config differs from the checkpoint's: " +
+                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
+    elif list_checkpoints(out_dir):
+        raise FileExistsError(f"{out_dir} already holds checkpoints "
+                              f"({os.path.basename(latest_checkpoint(out_dir))}); pass resume=True "
+                              f"(--resume) to continue that run, or choose another out_dir (--out)")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    run.records = _read_metrics(run.metrics_path, before=run.start)
+    with open(run.metrics_path, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in run.records)
+    return run
+
+
+def build_training(cfg, device, state=None, model_fn=None):
+    """The model on ``device`` in training mode, its SGD optimizer (no weight decay on norms and
+    biases) and warm-up + multi-step schedule; restored from ``state`` when resuming."""
+    from ..models import build_model
+    from ..nn import init
+    from ..optim import SGD, WarmupMultiStepLR, param_groups_no_decay
+
+    init.manual_seed(cfg.seed)  # everything random starts from cfg.seed: weights now, draws per iteration
+    model = (model_fn or build_model)(cfg)
+    model.to(device)
+    model.train()
+    optimizer = SGD(param_groups_no_decay(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
+    scheduler = WarmupMultiStepLR(optimizer, cfg.milestones, gamma=cfg.gamma,
+                                  warmup_iters=cfg.warmup_iters, warmup_factor=cfg.warmup_factor)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optim"])
+        scheduler.load_state_dict(state["scheduler"])
+    return model, optimizer, scheduler
 
 
 def _match_classes(cfg, dataset, log):
@@ -128,14 +182,74 @@ def _match_classes(cfg, dataset, log):
     return cfg
 
 
-def _config_changes(old, new):
-    a, b = dataclasses.asdict(old), dataclasses.asdict(new)
-    return {k: (a[k], b[k]) for k in b if a.get(k) != b[k]}
+# ---------------------------------------------------------------- the end of a run
+
+
+def save_loss_plot(records, path):
+    """Draw ``records`` (metrics.jsonl lines) to a PNG with matplotlib's Agg (no display)."""
+    from ..viz import new_figure, plot_losses
+
+    fig = new_figure(8, 5)
+    plot_losses(records, ax=fig.add_subplot())
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
+
+
+def finish(run, cfg, model, val_set, log=print):
+    """After the last iteration: evaluate on ``val_set`` (if any), draw ``loss.png``, write and
+    return ``summary.json``'s dict."""
+    from .evaluator import evaluate
+
+    eval_results = None
+    if val_set is not None:
+        eval_results = evaluate(model, val_set, os.path.join(run.out_dir, f"eval_{cfg.iters:07d}"),
+                                batch_size=cfg.batch_size, log=log)
+    plot = save_loss_plot(run.records, os.path.join(run.out_dir, "loss.png"))
+    trained = max(0, cfg.iters - run.start)
+    last = run.records[-1] if run.records else {}
+    recent = run.records[-20:]
+    loss_keys = [k for k in last if k.startswith("loss") or k == "total"]
+    summary = {
+        "out_dir": run.out_dir,
+        "iterations": cfg.iters,
+        "start_iter": run.start,
+        "final_losses": {k: last[k] for k in loss_keys},
+        "median_losses_last_20": {k: float(np.median([r[k] for r in recent])) for k in loss_keys},
+        "train_time_s": run.train_time,
+        "s_per_iter": run.train_time / trained if trained else None,
+        "images_per_s": trained * cfg.batch_size / run.train_time if run.train_time > 0 else None,
+        "checkpoint": run.last_good,
+        "loss_plot": plot,
+        "eval": eval_results,
+    }
+    with open(os.path.join(run.out_dir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    if trained:
+        log(f"done: {trained} iterations in {run.train_time:.1f} s ({summary['s_per_iter']:.3f} s/iter, "
+            f"{summary['images_per_s']:.2f} images/s); total loss {last.get('total', float('nan')):.4f}; "
+            f"checkpoint {run.last_good}")
+    return summary
+
+
+def _progress(cfg, start, log, enabled):
+    """A tqdm bar (losses, lr, s/iter, ETA) and a ``log`` that prints above it."""
+    if not enabled:
+        return None, log
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
+    if log is print:  # print would tear the bar; tqdm.write prints above it
+        log = lambda *parts: tqdm.write(" ".join(str(p) for p in parts))  # noqa: E731
+    return bar, log
+
+
+# ---------------------------------------------------------------- the loop
 
 
 def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_dir="runs/run",
           device="cpu", resume=False, log=print, model_fn=None, progress=True):
-    """Train a model on a COCO-format data set; return a summary dict.
+    """Train a model on a COCO-format data set; return the summary dict.
 
     cfg:          a ``MaskRCNNConfig`` (its training fields: batch_size, iters, lr, momentum,
                   weight_decay, milestones, gamma, warmup_*, hflip_prob, seed, *_period, ...).
@@ -144,13 +258,11 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
     out_dir:      where checkpoints, metrics.jsonl, loss.png and eval_*/ go.
     device:       "cpu" or "gpu".
     resume:       continue from the newest checkpoint of ``out_dir``.
-    model_fn:     ``cfg -> Module``; default ``build_model``, the real ``MaskRCNN`` (tests pass
-                  a tiny one: the engine only needs ``model(images, targets)`` and ``predict``).
+    model_fn:     ``cfg -> Module``; default ``models.build_model`` (tests pass a tiny model with
+                  the same public surface: ``model(images, targets)``, ``predict``, ``reseed``).
     progress:     show a tqdm bar (losses, lr, s/iter, ETA).
     """
     from ..data import CocoDataset, DataLoader, RandomHorizontalFlip
-    from ..nn import init
-    from ..optim import SGD, WarmupMultiStepLR, param_groups_no_decay
     from .evaluator import evaluate
 
     if device not in ("cpu", "gpu"):
@@ -158,146 +270,56 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
     dataset = CocoDataset(train_ann, train_images, train=True)
     val_set = CocoDataset(val_ann, val_images, train=False) if val_ann else None
     cfg = _match_classes(cfg, dataset, log)
-
-    os.makedirs(out_dir, exist_ok=True)
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    state = None
-    if resume:
-        found = latest_checkpoint(out_dir)
-        if found is None:
-            log(f"resume: no checkpoint in {out_dir}, starting from iteration 0")
-        else:
-            state = load_checkpoint(found)
-            log(f"resuming from {found} (iteration {state['iteration']})")
-            changes = _config_changes(state["config"], cfg) if state["config"] is not None else {}
-            if changes:
-                log("note: the config differs from the checkpoint's: " +
-                    ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in changes.items()))
-    elif list_checkpoints(out_dir):
-        raise FileExistsError(f"{out_dir} already holds checkpoints "
-                              f"({os.path.basename(latest_checkpoint(out_dir))}); pass resume=True "
-                              f"(--resume) to continue that run, or choose another out_dir (--out)")
-
-    # Everything random starts from cfg.seed: weight init now, data and samplers per iteration.
-    init.manual_seed(cfg.seed)
-    model = (model_fn or build_model)(cfg)
-    model.to(device)
-    model.train()
-    optimizer = SGD(param_groups_no_decay(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
-    scheduler = WarmupMultiStepLR(optimizer, cfg.milestones, gamma=cfg.gamma,
-                                  warmup_iters=cfg.warmup_iters, warmup_factor=cfg.warmup_factor)
-    start, seed = 0, cfg.seed
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optim"])
-        scheduler.load_state_dict(state["scheduler"])
-        start = state["iteration"]
-        seed = state["loader"]["seed"]  # the data order of the run being continued
+    run = open_run(cfg, out_dir, resume, log)
+    model, optimizer, scheduler = build_training(cfg, device, run.state, model_fn)
     # A flipped left knee is a right knee: keypoint data sets give the swap map.
     flip = RandomHorizontalFlip(cfg.hflip_prob, getattr(dataset, "keypoint_flip_map", None))
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=seed,
+    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=run.seed,
                         train_transform=flip, drop_last=True)
-
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
-    # Lines past the checkpoint (from a run that crashed later) are redone: drop them.
-    records = _read_metrics(metrics_path, before=start)
-    with open(metrics_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-
     log(f"training on {len(dataset)} images ({dataset.ann_file}), {len(dataset.class_names)} classes, "
-        f"batch {cfg.batch_size}, iterations {start}..{cfg.iters}, device {device}, output {out_dir}")
-    last_good = latest_checkpoint(out_dir) if state is not None else None
-    eval_results = None
-    train_time = 0.0
-    bar = None
-    if progress:
-        from tqdm import tqdm
-
-        bar = tqdm(total=cfg.iters, initial=start, desc="train", unit="it", dynamic_ncols=True)
-        if log is print:  # print would tear the bar; tqdm.write prints above it
-            log = lambda *parts: tqdm.write(" ".join(str(p) for p in parts))  # noqa: E731
-    batches = loader.batches(start, cfg.iters)
+        f"batch {cfg.batch_size}, iterations {run.start}..{cfg.iters}, device {device}, output {out_dir}")
+    bar, log = _progress(cfg, run.start, log, progress)
+    batches = loader.batches(run.start, cfg.iters)
     try:
-        with open(metrics_path, "a") as metrics_file:
+        with open(run.metrics_path, "a") as metrics_file:
             t_data = time.perf_counter()
-            for it, (images, targets) in enumerate(batches, start):
+            for it, (images, targets) in enumerate(batches, run.start):
                 t0 = time.perf_counter()
-                images, targets = _to_device(images, targets, device)
-                seed_samplers(model, seed, it)
-                losses = model(images, targets)
-                values = {k: float(v.item()) for k, v in losses.items()}
-                values["total"] = sum(values.values())
-                for name, v in values.items():
-                    if not math.isfinite(v):
-                        where = last_good if last_good else "none (no checkpoint was written yet)"
-                        raise FloatingPointError(f"{name} is {v} at iteration {it}; the last good "
-                                                 f"checkpoint is {where}")
-                total = None
-                for v in losses.values():
-                    total = v if total is None else total + v
+                model.reseed(run.seed, it)
                 lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
-                optimizer.zero_grad()
-                total.backward()
-                optimizer.step()
-                scheduler.step()
-
+                try:
+                    values = train_step(model, optimizer, scheduler, images, targets)
+                except FloatingPointError as e:
+                    where = run.last_good or "none (no checkpoint was written yet)"
+                    raise FloatingPointError(f"{e} at iteration {it}; the last good checkpoint is {where}") \
+                        from None
                 t1 = time.perf_counter()
-                train_time += t1 - t_data
+                run.train_time += t1 - t_data
                 record = {"iter": it, **values, "lr": lr, "time": round(t1 - t_data, 4),
                           "data_time": round(t0 - t_data, 4)}
-                records.append(record)
+                run.records.append(record)
                 metrics_file.write(json.dumps(record) + "\n")
                 metrics_file.flush()
                 if bar is not None:
                     bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}
                                     | {"lr": f"{lr:.2g}"}, refresh=False)
                     bar.update()
-
                 done = it + 1
                 if (cfg.checkpoint_period > 0 and done % cfg.checkpoint_period == 0) or done == cfg.iters:
-                    last_good = save_checkpoint(checkpoint_path(out_dir, done), model, optimizer, scheduler,
-                                                cfg, done, loader)
+                    run.last_good = save_checkpoint(checkpoint_path(out_dir, done), model, optimizer,
+                                                    scheduler, cfg, done, loader)
                     prune_checkpoints(out_dir, cfg.keep_checkpoints)
                 if val_set is not None and cfg.eval_period > 0 and done % cfg.eval_period == 0 \
                         and done != cfg.iters:
-                    eval_results = evaluate(model, val_set, os.path.join(out_dir, f"eval_{done:07d}"),
-                                            batch_size=cfg.batch_size, log=log)
+                    evaluate(model, val_set, os.path.join(out_dir, f"eval_{done:07d}"),
+                             batch_size=cfg.batch_size, log=log)
                     model.train()
                 t_data = time.perf_counter()
     finally:
         batches.close()  # stops the prefetch thread
         if bar is not None:
             bar.close()
-
-    trained = max(0, cfg.iters - start)
-    if val_set is not None:
-        eval_results = evaluate(model, val_set, os.path.join(out_dir, f"eval_{cfg.iters:07d}"),
-                                batch_size=cfg.batch_size, log=log)
-    plot = save_loss_plot(records, os.path.join(out_dir, "loss.png"))
-    last = records[-1] if records else {}
-    recent = records[-20:]
-    summary = {
-        "out_dir": out_dir,
-        "iterations": cfg.iters,
-        "start_iter": start,
-        "final_losses": {k: v for k, v in last.items() if k.startswith("loss") or k == "total"},
-        "median_losses_last_20": {k: float(np.median([r[k] for r in recent])) for k in last
-                                  if k.startswith("loss") or k == "total"},
-        "train_time_s": train_time,
-        "s_per_iter": train_time / trained if trained else None,
-        "images_per_s": trained * cfg.batch_size / train_time if train_time > 0 else None,
-        "checkpoint": last_good,
-        "loss_plot": plot,
-        "eval": eval_results,
-    }
-    with open(os.path.join(out_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    if trained:
-        log(f"done: {trained} iterations in {train_time:.1f} s ({summary['s_per_iter']:.3f} s/iter, "
-            f"{summary['images_per_s']:.2f} images/s); total loss {last.get('total', float('nan')):.4f}; "
-            f"checkpoint {last_good}")
-    return summary
+    return finish(run, cfg, model, val_set, log)
 
 
-__all__ = ["train", "build_model", "seed_samplers", "save_loss_plot"]
+__all__ = ["train", "train_step", "open_run", "build_training", "finish", "Run", "save_loss_plot"]

@@ -165,7 +165,7 @@ def _shapes():
       for 2000 iterations instead of 1500 at the same wall time.
     """
     return MaskRCNNConfig(
-        num_classes=4, class_names=("circle", "triangle", "square"),
+        num_classes=4,  # background + 3 (the trainer takes the names from the data set)
         min_size=(128,), max_size=128,
         depth=18, width=16, norm="bn", freeze_at=0, fpn_out_channels=64,
         anchor_sizes=((8,), (16,), (32,), (64,), (128,)),
@@ -187,11 +187,11 @@ def _r50_fpn():
 def _torchvision_r50_fpn():
     """torchvision's maskrcnn_resnet50_fpn, setting for setting, to run its COCO weights
     (``minimask convert-weights``): labels are COCO category ids (91 outputs), sides resized by
-    flooring, masks pasted as torchvision pastes them; the rest are already the defaults."""
-    from ..data.categories import coco_class_names
-
-    return MaskRCNNConfig(class_names=coco_class_names(91), frozen_bn_eps=1e-5, resize_rounding="floor",
-                          paste_mode="torchvision", labels_are_coco_ids=True)
+    flooring, masks pasted as torchvision pastes them; the rest are already the defaults.  The
+    names of the 91 outputs are not the preset's business: the converter writes them into the
+    checkpoint it makes (``interop.convert_weights``)."""
+    return MaskRCNNConfig(frozen_bn_eps=1e-5, resize_rounding="floor", paste_mode="torchvision",
+                          labels_are_coco_ids=True)
 
 
 def _figures():
@@ -214,26 +214,23 @@ def _figures():
       of its visible pixels, so a hand or foot sits on its edge and a detected box a pixel short
       cut it off (a quarter of the hands were more than 5 px off, most of them outside the box);
       0.533 with it, training and testing on the enlarged boxes.
-    A wider keypoint head (48 channels) did not help."""
-    from ..data.figures import CLASSES, KEYPOINT_NAMES, SKELETON
+    A wider keypoint head (48 channels) did not help.
 
+    The sizes (5 classes with background, 11 joints, the figure as label 1) are the model's; the
+    names and the skeleton come from the data set when training starts."""
     return dataclasses.replace(
-        _shapes(), num_classes=len(CLASSES) + 1, class_names=CLASSES,
-        mask_on=False, keypoint_on=True, num_keypoints=len(KEYPOINT_NAMES), keypoint_label=1,
+        _shapes(), num_classes=5, mask_on=False, keypoint_on=True, num_keypoints=11, keypoint_label=1,
         keypoint_head_dim=32, keypoint_head_convs=4, hflip_prob=0.0, keypoint_box_scale=1.1,
-        keypoint_names=KEYPOINT_NAMES, keypoint_skeleton=SKELETON,
     )
 
 
 def _r50_fpn_keypoints():
     """The paper's ResNet-50-FPN keypoint model as torchvision's keypointrcnn_resnet50_fpn: person
-    and background, 17 COCO keypoints, box + keypoint heads, multi-scale training 640..800."""
-    from ..data.categories import COCO_KEYPOINT_NAMES, COCO_SKELETON
-
+    and background, 17 COCO keypoints, box + keypoint heads, multi-scale training 640..800
+    (names and skeleton from the data set, or from the converter for torchvision's weights)."""
     return MaskRCNNConfig(
-        num_classes=2, class_names=("person",), min_size=(640, 672, 704, 736, 768, 800),
+        num_classes=2, min_size=(640, 672, 704, 736, 768, 800),
         mask_on=False, keypoint_on=True, num_keypoints=17,
-        keypoint_names=COCO_KEYPOINT_NAMES, keypoint_skeleton=COCO_SKELETON,
     )
 
 

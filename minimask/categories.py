@@ -1,5 +1,9 @@
 """COCO's category names and keypoints, for drawing predictions and flipping keypoints.
 
+Plain constants at the bottom of the package (this file imports nothing), so that the data
+(``data/coco.py``: flip maps, OKS sigmas), the weight converter (``interop.py``: the names of
+torchvision's 91 outputs) and the drawings can all reach them without the model importing data.
+
 COCO 2017 has 80 object categories with ids 1..90 (ten ids unused).  Models trained by
 torchvision predict the category id itself as the label (91 outputs, the unused ones never
 trained); models trained here through ``CocoDataset`` predict contiguous labels 1..80 and map
