@@ -77,6 +77,12 @@ def load_nvrtc():
     tried = []
     for path in _libnvrtc_candidates():
         try:
+            # NVRTC dlopens its builtins library by name at the first compile; a wheel's lib/ is on
+            # no search path (NVRTC 13's wheel has no rpath to it), so load the one beside it first.
+            folder = os.path.dirname(path)
+            beside = glob.glob(os.path.join(folder, "libnvrtc-builtins.so.*")) if folder else []
+            for builtins in sorted(beside):
+                ctypes.CDLL(builtins, mode=ctypes.RTLD_GLOBAL)
             lib = ctypes.CDLL(path)
         except OSError as e:
             tried.append(f"{path}: {e}")
