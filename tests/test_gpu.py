@@ -443,6 +443,27 @@ def test_driver_cuda_version_read_from_libcuda_or_nvidia_smi(monkeypatch):
     assert backend.driver_cuda_version() is None
 
 
+def test_gpu_check_script_records_every_step_even_out_of_time(tmp_path):
+    """scripts/gpu_check.sh with no time budget: no step starts, yet each is in the summary with
+    exit 124, and the script fails (the real run is for a GPU machine)."""
+    import shutil
+    import subprocess
+
+    if shutil.which("bash") is None or shutil.which("timeout") is None:
+        pytest.skip("needs bash and coreutils' timeout")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, GPU_CHECK_BUDGET_S="0", PYTHON=sys.executable)
+    done = subprocess.run(["bash", "scripts/gpu_check.sh", str(tmp_path / "out")], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout + done.stderr
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    names = [s["step"] for s in summary["steps"]]
+    assert names == ["wheels", "environment", "nvrtc", "pytest_gpu", "bench_fp32", "data", "train_gpu",
+                     "loss_falls", "eval_cpu", "same_ap", "bench_tf32"]
+    assert all(s["exit"] == 124 for s in summary["steps"]) and summary["failed"] == names
+    assert "budget" in (tmp_path / "out" / "train_gpu.log").read_text()
+
+
 # ---------------------------------------------------------------- 5. memory and benchmarks
 @gpu
 def test_r50_fpn_training_step_at_800x1333_fits_16_gb():
