@@ -471,14 +471,14 @@ def test_r50_fpn_training_step_at_800x1333_fits_16_gb():
     GPU), and the estimate of ``minimask bench memory`` is not far below what was used."""
     import cupy
 
-    from minimask.bench.memory import _synthetic_batch, estimate
+    from minimask.bench.memory import estimate, synthetic_batch
     from minimask.optim import SGD
 
     pool = cupy.get_default_memory_pool()
     pool.free_all_blocks()
     model = MaskRCNN(preset("r50_fpn")).to("gpu")
     opt = SGD([p for p in model.parameters() if p.requires_grad], lr=1e-5, momentum=0.9)
-    images, targets = _synthetic_batch(2, 800, 1333)
+    images, targets = synthetic_batch(2, 800, 1333)
     total = None
     for v in model(images, targets).values():
         total = v if total is None else total + v

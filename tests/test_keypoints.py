@@ -433,12 +433,14 @@ def test_cli_predict_draws_skeletons_from_a_keypoint_checkpoint(tmp_path, monkey
     from PIL import Image
 
     from minimask.cli import main
-    from minimask.data.figures import SKELETON
+    from minimask.data.figures import CLASSES, SKELETON
     from minimask.engine.checkpoint import save_checkpoint
     from minimask.engine.predictor import save_drawing
 
+    # The names as the trainer saves them (from the data set; the preset knows none).
     cfg = dataclasses.replace(preset("figures"), width=8, fpn_out_channels=16, box_head_dim=32,
-                              keypoint_head_dim=8, keypoint_head_convs=1)
+                              keypoint_head_dim=8, keypoint_head_convs=1, class_names=CLASSES,
+                              keypoint_names=KEYPOINT_NAMES, keypoint_skeleton=SKELETON)
     ckpt = str(tmp_path / "kp.npz")
     save_checkpoint(ckpt, MaskRCNN(cfg), config=cfg)
     joints = [(64, 20), (64, 30), (80, 40), (48, 40), (90, 55), (38, 55), (64, 65), (74, 85), (54, 85),

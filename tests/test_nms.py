@@ -216,7 +216,7 @@ def test_cuda_source_emulated_on_cpu(rng, tmp_path):
     prelude = ("#include <cmath>\n#include <algorithm>\nusing std::min; using std::fmax; using std::fmin;\n"
                "#define __device__\n#define __global__\nstruct Dim { int x, y, z; };\n"
                "static Dim blockIdx, threadIdx, blockDim;\nstatic void __syncthreads() {}\n")
-    source = (nms_kernels._CUDA_SOURCE.replace('extern "C" __global__', "__global__")
+    source = (nms_kernels.CUDA_SOURCES["nms"].code.replace('extern "C" __global__', "__global__")
               .replace("__shared__ double", "static double")
               .replace("extern __shared__ unsigned long long removed[];",
                        "static unsigned long long removed[4096];"))

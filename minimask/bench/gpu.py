@@ -202,7 +202,7 @@ def _model(report, device, measure, sync_ours, torch, tv, size, repeat, results,
     from ..models import MaskRCNN, preset
     from ..optim import SGD, param_groups_no_decay
     from . import torch_side
-    from .memory import _synthetic_batch
+    from .memory import synthetic_batch
 
     cfg = dataclasses.replace(preset(config), min_size=(min(size),), max_size=max(size))
     ours = MaskRCNN(cfg)
@@ -220,7 +220,7 @@ def _model(report, device, measure, sync_ours, torch, tv, size, repeat, results,
               + ("" if same else f" (BUT {len(missing)} missing, {len(unexpected)} unexpected names)"))
         theirs.to(torch_side.torch_device(device))
     ours.to(device)
-    images, targets = _synthetic_batch(2, *size, num_classes=cfg.num_classes)
+    images, targets = synthetic_batch(2, *size, num_classes=cfg.num_classes)
     d_images = [to_device(im, device) for im in images]
     d_targets = [{k: to_device(v, device) for k, v in t.items()} for t in targets]
     if theirs is not None:

@@ -78,7 +78,7 @@ def column_sizes(kind, x_shape, w_shape, g, itemsize=4, device="gpu"):
     return full, chunk
 
 
-def _synthetic_batch(n, height, width, seed=0, num_classes=81):
+def synthetic_batch(n, height, width, seed=0, num_classes=81):
     """n noise images with three rectangles each (boxes, labels in 1..num_classes - 1, masks):
     a valid training batch."""
     rng = np.random.default_rng(seed)
@@ -107,7 +107,7 @@ def estimate(batch=2, size=(800, 1333), config="r50_fpn", budget=16 * GB):
     cfg = dataclasses.replace(preset(config), min_size=(min(size),), max_size=max(size))
     model = MaskRCNN(cfg)
     model.train()
-    images, targets = _synthetic_batch(batch, *size, num_classes=cfg.num_classes)
+    images, targets = synthetic_batch(batch, *size, num_classes=cfg.num_classes)
     record = []
     with shapes_only(record):  # convolutions record their shapes and return zeros
         losses = model(images, targets)

@@ -11,13 +11,13 @@ reading (GPU calls return before the work is done).
 """
 
 import os
-import time
 
 import numpy as np
 
 from ..backend import gpu_available, to_device
 from ..functional.conv import Conv2dFn
 from ..tensor import Tensor
+from .timing import medians_ms
 
 # label, N, C, H=W, O, kernel, stride, padding
 CASES = [
@@ -43,22 +43,6 @@ def blas_threads():
         if os.environ.get(var, "").isdigit():
             return int(os.environ[var])
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _median_ms(steps, repeat):
-    """Median ms of each (step, sync) pair; the contenders take turns within each repetition,
-    so that load from other processes on a shared machine falls on all of them alike."""
-    for step, sync in steps:  # warm-up: first-call allocations, cuBLAS handles, kernels
-        step()
-        sync()
-    times = [[] for _ in steps]
-    for _ in range(repeat):
-        for (step, sync), ts in zip(steps, times):
-            t0 = time.perf_counter()
-            step()
-            sync()
-            ts.append(time.perf_counter() - t0)
-    return [1e3 * float(np.median(ts)) for ts in times]
 
 
 def _ours(arrays, stride, padding, method, device):
@@ -115,7 +99,7 @@ def main(device="cpu", repeat=5):
         steps = [(_ours(arrays, s, p, "im2col", device), sync), (_ours(arrays, s, p, "shift", device), sync)]
         if torch is not None:
             steps.append((_torch(torch, arrays, s, p, device), torch_sync))
-        times = _median_ms(steps, repeat)
+        times = medians_ms(steps, repeat)
         name = f"{label}: N={n} C={c} {h}x{h} -> {o}, {k}x{k}/{s}"
         row = f"{name:44s} {times[0]:8.1f} {times[1]:8.1f}"
         if torch is not None:

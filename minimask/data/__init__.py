@@ -14,4 +14,5 @@ from .shapes import make_shapes, make_split
 from .transforms import RandomHorizontalFlip, flip_boxes, hflip
 
 __all__ = ["CocoDataset", "DataLoader", "make_shapes", "make_split", "RandomHorizontalFlip", "hflip",
-           "flip_boxes", "COCO_CATEGORIES", "COCO_KEYPOINT_NAMES", "COCO_KEYPOINT_FLIP_MAP", "coco_class_names"]
+           "flip_boxes", "COCO_CATEGORIES", "COCO_KEYPOINT_NAMES", "COCO_KEYPOINT_FLIP_MAP",
+           "coco_class_names"]

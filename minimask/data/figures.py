@@ -35,7 +35,7 @@ import numpy as np
 import pycocotools.mask as mask_utils
 
 from .shapes import CLASSES as SHAPE_CLASSES
-from .shapes import background, contrasting_colour, polygon, rasterize, write_split  # the shared drawing rules
+from .shapes import background, contrasting_colour, polygon, rasterize, write_split  # shared drawing
 
 CLASSES = ("figure",) + SHAPE_CLASSES
 

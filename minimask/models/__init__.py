@@ -15,6 +15,6 @@ from .roi_heads import RoIHeads
 from .rpn import RegionProposalNetwork, RPNHead
 from .transform import RCNNTransform
 
-__all__ = ["MaskRCNN", "build_model", "RCNNTransform", "KEYPOINT_LOSS", "MaskRCNNConfig", "preset", "override", "to_dict", "from_dict", "LOSS_NAMES",
-           "ResNet", "FPN", "BackboneWithFPN", "RPNHead", "RegionProposalNetwork", "RoIHeads",
+__all__ = ["MaskRCNN", "build_model", "RCNNTransform", "KEYPOINT_LOSS", "MaskRCNNConfig", "preset",
+           "override", "to_dict", "from_dict", "LOSS_NAMES", "ResNet", "FPN", "BackboneWithFPN", "RPNHead", "RegionProposalNetwork", "RoIHeads",
            "MultiScaleRoIAlign", "assign_boxes_to_levels"]

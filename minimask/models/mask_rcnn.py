@@ -8,7 +8,7 @@ offset, Mask R-CNN also outputs a binary mask for each RoI."  Here the stages ar
                                                                   (``transform.RCNNTransform``)
     backbone    ResNet + FPN -> feature pyramid P2..P6          (``fpn.BackboneWithFPN``)
     rpn         first stage: proposals (and its losses)           (``rpn.RegionProposalNetwork``)
-    roi_heads   second stage: class, box and mask per RoI         (``roi_heads.RoIHeads``)
+    roi_heads   second stage: class, box, mask (and keypoints) per RoI (``roi_heads.RoIHeads``)
 
 Training minimises, on each sampled RoI, the multi-task loss of Eq. 1
 
@@ -62,7 +62,8 @@ class MaskRCNN(nn.Module):
         self.transform = RCNNTransform(cfg)
         self.backbone = BackboneWithFPN(cfg)
         self.rpn = RegionProposalNetwork(cfg)
-        self.roi_heads = RoIHeads(cfg, in_channels=self.backbone.out_channels, strides=self.backbone.strides[:4])
+        self.roi_heads = RoIHeads(cfg, in_channels=self.backbone.out_channels,
+                                  strides=self.backbone.strides[:4])  # P2..P5: the heads pool from these
 
     # ---- where the weights live, and the random draws ------------------------------------
     def device(self):
