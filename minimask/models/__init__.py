@@ -16,5 +16,5 @@ from .rpn import RegionProposalNetwork, RPNHead
 from .transform import RCNNTransform
 
 __all__ = ["MaskRCNN", "build_model", "RCNNTransform", "KEYPOINT_LOSS", "MaskRCNNConfig", "preset",
-           "override", "to_dict", "from_dict", "LOSS_NAMES", "ResNet", "FPN", "BackboneWithFPN", "RPNHead", "RegionProposalNetwork", "RoIHeads",
-           "MultiScaleRoIAlign", "assign_boxes_to_levels"]
+           "override", "to_dict", "from_dict", "LOSS_NAMES", "ResNet", "FPN", "BackboneWithFPN", "RPNHead",
+           "RegionProposalNetwork", "RoIHeads", "MultiScaleRoIAlign", "assign_boxes_to_levels"]
