@@ -30,6 +30,7 @@ from minimask.interop import (
     load_weights_file,
     minimask_name,
     read_pth,
+    torchvision_config,
 )
 from minimask.models import MaskRCNN, preset
 from minimask.ops import nms
@@ -109,8 +110,10 @@ def test_torchvision_preset_has_torchvisions_settings():
     cfg = preset("torchvision_r50_fpn")
     assert (cfg.num_classes, cfg.sampling_ratio, cfg.aligned, cfg.norm) == (91, 2, False, "frozen_bn")
     assert (cfg.resize_rounding, cfg.paste_mode, cfg.frozen_bn_eps) == ("floor", "torchvision", 1e-5)
-    assert len(cfg.class_names) == 90
-    assert (cfg.class_names[0], cfg.class_names[11], cfg.class_names[89]) == ("person", "N/A", "toothbrush")
+    assert cfg.class_names == ()  # a preset knows no data set: the converter names the outputs
+    names = torchvision_config().class_names
+    assert len(names) == 90
+    assert (names[0], names[11], names[89]) == ("person", "N/A", "toothbrush")
     assert (cfg.rpn_pre_nms_top_n_test, cfg.rpn_post_nms_top_n_test) == (1000, 1000)
     assert (cfg.box_score_thresh, cfg.box_detections_per_img) == (0.05, 100)
 
@@ -160,13 +163,18 @@ def test_read_pth_unwraps_training_checkpoints_and_rejects_junk(tmp_path):
 @pytest.mark.parametrize("hw", [(480, 640), (240, 320), (300, 200), (257, 263), (375, 500), (427, 640),
                                 (7, 900)])
 def test_floor_rounding_gives_torchvisions_resized_sizes(hw):
-    """torchvision: interpolate(scale_factor=min(min/short, max/long), recompute_scale_factor=True)."""
+    """torchvision's own transform: the scale min(min/short, max/long) (a double in eager mode since
+    torchvision 0.16; float32 before), then interpolate(scale_factor=scale,
+    recompute_scale_factor=True), which floors: 480x640 at 800 is 800x1066."""
+    torchvision_or_skip()
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
     for min_size, max_size in ((800, 1333), (320, 512)):
-        scale = min(min_size / min(hw), max_size / max(hw))
-        x = torch.zeros(1, 1, *hw)
-        out = torch.nn.functional.interpolate(x, scale_factor=scale, mode="bilinear",
-                                              recompute_scale_factor=True, align_corners=False)
+        transform = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3).eval()
+        out, _ = transform.resize(torch.zeros(3, *hw), None)
         assert resized_size(*hw, min_size, max_size, rounding="floor") == tuple(out.shape[-2:])
+    if hw == (480, 640):
+        assert resized_size(*hw, 800, 1333, rounding="floor") == (800, 1066)
 
 
 # ---------------------------------------------------------------- the shim's kernels, checked
@@ -270,7 +278,7 @@ def pair(tmp_path_factory):
     folder = tmp_path_factory.mktemp("interop")
     torch.save(tv.state_dict(), folder / "tv.pth")
     assert main(["convert-weights", str(folder / "tv.pth"), str(folder / "tv.npz")]) == 0
-    cfg = dataclasses.replace(preset("torchvision_r50_fpn"), min_size=(MIN_SIZE,), max_size=MAX_SIZE,
+    cfg = dataclasses.replace(torchvision_config(), min_size=(MIN_SIZE,), max_size=MAX_SIZE,
                               box_score_thresh=SCORE_THRESH, box_detections_per_img=DETECTIONS)
     ours = load_weights_file(folder / "tv.npz", config=cfg)
     ours.eval()

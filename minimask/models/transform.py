@@ -36,24 +36,23 @@ def resized_size(height, width, min_size, max_size, rounding="round"):
 
     scale = min(min_size / short, max_size / long), as torchvision's GeneralizedRCNNTransform.
     ``rounding="round"``: sides rounded to the nearest pixel (Detectron2's ResizeShortestEdge),
-    so a 480 x 640 image at min_size 800 becomes exactly 800 x 1067.  ``"floor"``: torchvision,
-    exactly: it computes the scale in float32 (``torch.tensor(image.shape[-2:])`` is an integer
-    tensor turned to float32) and ``interpolate(scale_factor=scale, recompute_scale_factor=True)``
-    floors side * scale in double precision, so 480 x 640 becomes 799 x 1066 there (800/480 in
-    float32 is a hair below 5/3).
+    so a 480 x 640 image at min_size 800 becomes exactly 800 x 1067.  ``"floor"``: torchvision's
+    ``interpolate(scale_factor=scale, recompute_scale_factor=True)``, which floors side * scale
+    in double precision (800 x 1066 here).  The scale itself is a double, as torchvision computes
+    it in eager mode today (0.16 and later, checked against 0.28 in tests/test_interop.py);
+    torchvision 0.9-0.15, and TorchScript/ONNX exports still, take the sizes as a tensor and
+    compute the scale in float32, which gives 799 x 1066 for this image (a pixel less on about
+    two sizes in five).
     """
     if height <= 0 or width <= 0:
         raise ValueError(f"resize: image size must be positive, got {height}x{width}")
     if min_size <= 0 or max_size <= 0:
         raise ValueError(f"resize: min_size and max_size must be positive, got {min_size}, {max_size}")
-    short, long = min(height, width), max(height, width)
+    scale = min(min_size / min(height, width), max_size / max(height, width))
     if rounding == "floor":
-        f32 = np.float32
-        scale = float(min(f32(min_size) / f32(short), f32(max_size) / f32(long)))
         return max(1, math.floor(height * scale)), max(1, math.floor(width * scale))
     if rounding != "round":
         raise ValueError(f"resize: rounding must be 'round' or 'floor', got {rounding!r}")
-    scale = min(min_size / short, max_size / long)
     return max(1, int(round(height * scale))), max(1, int(round(width * scale)))
 
 
