@@ -199,8 +199,9 @@ def _kernels(report, device, measure, sync_ours, torch, tv, size, repeat):
 
 
 def _model(report, device, measure, sync_ours, torch, tv, size, repeat, results, config="r50_fpn"):
+    from ..engine.trainer import train_step
     from ..models import MaskRCNN, preset
-    from ..optim import SGD, param_groups_no_decay
+    from ..optim import SGD, WarmupMultiStepLR, param_groups_no_decay
     from . import torch_side
     from .memory import synthetic_batch
 
@@ -271,22 +272,16 @@ def _model(report, device, measure, sync_ours, torch, tv, size, repeat, results,
     # ---- training step, 2 images ----------------------------------------------------------------
     ours.train()
     opt = SGD(param_groups_no_decay(ours, cfg.weight_decay), lr=1e-5, momentum=cfg.momentum)
+    constant_lr = WarmupMultiStepLR(opt, (), warmup_iters=0)
     losses_seen = []
 
-    def ours_step():
-        losses = ours(d_images, d_targets)
-        total = None
-        for v in losses.values():
-            total = v if total is None else total + v
-        opt.zero_grad()
-        total.backward()
-        opt.step()
-        losses_seen.append(total)
+    def ours_step():  # the trainer's own step: forward, the NaN guard, backward, update
+        losses_seen.append(train_step(ours, opt, constant_lr, d_images, d_targets)["total"])
 
     pool_reset()
     t_ours = measure(ours_step)
     mem_ours = pool_peak()
-    note = f"(loss {float(losses_seen[-1].item()):.3f}"
+    note = f"(loss {losses_seen[-1]:.3f}"
     t_torch, mem_torch = None, None
     if theirs is not None:
         theirs.train()
