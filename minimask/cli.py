@@ -11,15 +11,22 @@ Each sub-command is a small function here that parses its flags and calls the pa
 Mistakes in the flags (an unknown preset, a bad ``--set``) end with exit code 2 and a message
 naming the valid choices; mistakes found while running (a missing file, a malformed JSON, a
 NaN loss) with exit code 1 and the message, without a traceback (``MINIMASK_DEBUG=1`` shows it).
+Training stopped by Ctrl-C or SIGTERM saves a checkpoint, prints the command that resumes it and
+exits with 130 or 143 (128 + the signal).  Anything else is a bug: its traceback is printed
+with a request to report it.
 """
 
 import argparse
 import os
+import shlex
+import signal
 import sys
 
 # Errors that mean "the input is wrong", reported as one line; anything else is a bug and
-# keeps its traceback.
-USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError, RuntimeError)
+# keeps its traceback.  OSError: a file that cannot be read or written (permissions, a full
+# disk); its message names the file.
+USER_ERRORS = (FileNotFoundError, FileExistsError, ValueError, KeyError, FloatingPointError, RuntimeError,
+               OSError)
 
 
 def _preset_name(name):
@@ -75,6 +82,7 @@ def _train(args, parser):
         train_ann, val_ann = ensure_synthetic(args.config, f"data/{args.config}")
         train_images = val_images = None
     out = args.out or os.path.join("runs", args.config)
+    args.run_dir = out  # for the message if the run is interrupted
     summary = train(cfg, train_ann, train_images, val_ann, val_images, out_dir=out, device=args.device,
                     resume=args.resume)
     if summary["eval"]:
@@ -87,6 +95,8 @@ def _eval(args, parser):
     from .engine import Predictor, evaluate
 
     dataset = CocoDataset(args.ann, args.images, train=False)
+    # every file at once, before the model is loaded
+    dataset.check_images(hint="\nfix them, or remove them and their entries from the JSON")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
@@ -97,11 +107,15 @@ def _eval(args, parser):
 
 
 def _predict(args, parser):
+    from .data.coco import BadImagesError, image_problem
     from .engine import Predictor, predict_files
 
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:  # before loading the model: a typo should fail at once
         raise FileNotFoundError(f"image file not found: {', '.join(missing)}")
+    bad = [(p, None, what) for p in args.images if (what := image_problem(p)) is not None]
+    if bad:  # all of them at once, also before the model
+        raise BadImagesError(None, bad)
     if (args.checkpoint is None) == (args.weights is None):
         parser.error("give one of --checkpoint (a training checkpoint) or --weights (converted weights)")
     if args.weights is not None:  # converted torchvision weights (minimask convert-weights)
@@ -300,13 +314,49 @@ def main(argv=None):
 
             require_gpu("--device gpu")
         args.func(args, getattr(args, "parser", parser))
+    except KeyboardInterrupt as e:  # Ctrl-C, or training's TrainingInterrupted (SIGINT or SIGTERM)
+        if os.environ.get("MINIMASK_DEBUG"):
+            raise
+        return _interrupted(args, e, sys.argv[1:] if argv is None else argv)
     except USER_ERRORS as e:
         if os.environ.get("MINIMASK_DEBUG"):
             raise
         message = e.args[0] if isinstance(e, KeyError) and e.args else e  # KeyError quotes its text
         print(f"minimask {args.command}: error: {message}", file=sys.stderr)
         return 1
+    except MemoryError:
+        if os.environ.get("MINIMASK_DEBUG"):
+            raise
+        print(f"minimask {args.command}: error: out of memory (try a smaller batch_size or min_size/max_size "
+              f"with --set)", file=sys.stderr)
+        return 1
+    except Exception:
+        import traceback
+
+        traceback.print_exc()
+        print(f"minimask {args.command}: this is a bug in minimask, not a problem with your input; please "
+              f"report it with the command and the traceback above", file=sys.stderr)
+        return 1
     return 0
+
+
+def _interrupted(args, error, argv):
+    """One line for an interrupted command (with the ``--resume`` command for training); the
+    exit code is 128 + the signal (130 for SIGINT, 143 for SIGTERM)."""
+    from .engine.checkpoint import latest_checkpoint
+
+    signum = getattr(error, "signum", signal.SIGINT)
+    words = ["minimask"] + list(argv)
+    resume = shlex.join(words + ([] if "--resume" in words else ["--resume"]))
+    if args.command != "train":
+        print(f"minimask {args.command}: interrupted", file=sys.stderr)
+    elif hasattr(error, "signum"):  # TrainingInterrupted: it says what it saved
+        print(f"minimask train: {error}; resume with: {resume}", file=sys.stderr)
+    else:  # before the first iteration or during the final evaluation: nothing of the loop is lost
+        newest = latest_checkpoint(getattr(args, "run_dir", "") or "")
+        where = f"the newest checkpoint is {newest}" if newest else "no checkpoint was written"
+        print(f"minimask train: interrupted; {where}; resume with: {resume}", file=sys.stderr)
+    return 128 + int(signum)
 
 
 if __name__ == "__main__":

@@ -9,8 +9,8 @@ import pycocotools.mask as mask_utils
 import pytest
 from PIL import Image
 
-from minimask.data import CocoDataset
 from minimask.categories import COCO_CATEGORIES, COCO_KEYPOINT_FLIP_MAP, COCO_KEYPOINT_NAMES
+from minimask.data import CocoDataset
 
 H, W = 30, 40
 
@@ -106,7 +106,9 @@ def test_image_one_masks_labels_boxes_and_crowd(coco_dir, caplog):
     ann_file, _, truth = coco_dir
     with caplog.at_level(logging.INFO, logger="minimask.data.coco"):
         ds = CocoDataset(ann_file)
-    assert "dropped 1 boxes thinner" in caplog.text
+    assert "dropped 1 of 8 annotations as degenerate (1 boxes under 1 px once clipped to the image); " \
+           "first ids: 15" in caplog.text
+    assert any("first ids: 15" in note for note in ds.notes)  # what the trainer prints
     image, t = ds[ds.image_ids.index(1)]
     assert image.shape == (H, W, 3) and image.dtype == np.uint8
     assert t["image_id"] == 1
@@ -232,3 +234,144 @@ def test_coco_names_and_keypoint_twins():
     for i, j in enumerate(flip):
         a, b = COCO_KEYPOINT_NAMES[i], COCO_KEYPOINT_NAMES[j]
         assert a == b == "nose" or a.split("_")[1:] == b.split("_")[1:] and a != b
+
+
+# ---------------------------------------------------------------- repair, skip or refuse
+
+
+def _write(tmp_path, data, name="edited.json"):
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_degenerate_annotations_are_dropped_counted_and_named(coco_dir, tmp_path):
+    _, data, _ = coco_dir
+    extra = [  # all on image 4 (rgba.png), each degenerate in its own way
+        dict(id=61, image_id=4, category_id=9, iscrowd=0, bbox=[1.0, 1.0, 5.0, 5.0],
+             segmentation=[[1, 1, 6, 1]]),                                    # two points
+        dict(id=62, image_id=4, category_id=9, iscrowd=0, bbox=[1.0, 1.0, 5.0, 5.0],
+             segmentation=[[1, 1, 3, 3, 5, 5]]),                              # three points on a line
+        dict(id=63, image_id=4, category_id=9, iscrowd=0, bbox=[1.0, 1.0, 5.0, 5.0], segmentation=[]),
+        dict(id=64, image_id=4, category_id=9, iscrowd=0, bbox=[1.0, 1.0, 5.0, 5.0],
+             segmentation=rle_uncompressed(np.zeros((H, W), np.uint8))),     # a mask with no pixel
+        dict(id=65, image_id=4, category_id=9, iscrowd=0, bbox=[45.0, 1.0, 5.0, 5.0],
+             segmentation=[[1, 1, 6, 1, 6, 6]]),                              # box wholly outside
+        dict(id=66, image_id=4, category_id=9, iscrowd=0, bbox=[1.0, 1.0, 5.0, 5.0],
+             segmentation=[[1, 1, 6, 1], [1, 1, 6, 1, 6, 6, 1, 6]]),          # one bad part: repaired
+    ]
+    data["annotations"] += extra
+    ds = CocoDataset(_write(tmp_path, data))
+    notes = "\n".join(ds.notes)
+    assert "dropped 6 of 14 annotations as degenerate" in notes
+    for kind in ("2 boxes under 1 px once clipped to the image", "1 with an empty segmentation",
+                 "2 polygons of fewer than 3 points or no area", "1 with an empty mask"):
+        assert kind in notes
+    assert "first ids: 15, 65, 61, 62, 63" in notes  # grouped by kind, in file order within each
+    _, t = ds[ds.image_ids.index(4)]
+    assert len(t["boxes"]) == 2  # 41 and the repaired 66
+    np.testing.assert_array_equal(t["masks"][1], rect(1, 6, 1, 6))  # its good part only
+
+
+def test_boxes_past_the_image_are_clipped_to_it(coco_dir, tmp_path):
+    _, data, _ = coco_dir
+    data["annotations"][6]["bbox"] = [-3.0, 2.0, 10.0, 40.0]   # id 41 on image 4: past left and bottom
+    ds = CocoDataset(_write(tmp_path, data))
+    assert any("clipped 1 boxes reaching past their image" in n for n in ds.notes)
+    _, t = ds[ds.image_ids.index(4)]
+    np.testing.assert_array_equal(t["boxes"], [[0, 2, 7, H]])
+    _, t1 = ds[ds.image_ids.index(1)]
+    np.testing.assert_array_equal(t1["boxes"][0], [2, 3, 10, 8])  # boxes inside stay as they are
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda d: d["images"].append(dict(id=1, file_name="again.png", height=H, width=W)),
+     r"image id 1 is listed twice \(file_name 'a\.png' and 'again\.png'\)"),
+    (lambda d: d["categories"].append(dict(id=2, name="again")), "category id 2 is listed twice"),
+    (lambda d: d["annotations"][0].update(image_id=99),
+     r"annotation id 11 \(image id 99\): unknown image_id"),
+    (lambda d: d["annotations"][0].update(bbox=[1, 2, float("nan"), 4]), "annotation id 11 .*not finite"),
+    (lambda d: d["annotations"][0].update(segmentation=[[2, 3, float("inf"), 3, 10, 8]]),
+     "annotation id 11 .*polygon holds a number that is not finite"),
+    (lambda d: d["images"][0].update(height=0), "image id 1: height 0 is not a positive whole number"),
+    (lambda d: d.update(annotations={"a": 1}), "'annotations' must be a list"),
+    (lambda d: d["categories"].append({"name": "no id"}), "has no whole-number 'id'"),
+])
+def test_structural_errors_say_what_and_where(coco_dir, tmp_path, edit, message):
+    _, data, _ = coco_dir
+    edit(data)
+    path = _write(tmp_path, data)  # json writes NaN and Infinity, as some exporters do
+    with pytest.raises(ValueError, match=message) as err:
+        CocoDataset(path)
+    assert str(path) in str(err.value)
+
+
+def test_a_file_of_boxes_without_segmentations(coco_dir, tmp_path):
+    _, data, _ = coco_dir
+    for a in data["annotations"]:
+        if not a["iscrowd"]:
+            a.pop("segmentation")
+    path = _write(tmp_path, data)
+    with pytest.raises(ValueError, match="annotations have boxes but no segmentation.*--set mask_on=False"):
+        CocoDataset(path, masks=True)
+    for masks in (None, False):
+        ds = CocoDataset(path, masks=masks)
+        assert not ds.has_masks and not ds.masks
+        _, t = ds[ds.image_ids.index(1)]
+        assert "masks" not in t and len(t["boxes"]) == 3
+
+
+def _save_truncated(image, path, fmt):
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, fmt)
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
+
+
+def test_check_images_lists_every_bad_file_and_can_skip_them(coco_dir, tmp_path):
+    from minimask.data.coco import BadImagesError
+
+    ann_file, data, _ = coco_dir
+    images = tmp_path / "images"
+    (images / "gray.png").unlink()                                        # id 3: gone
+    (images / "rgba.png").write_text("hello")                             # id 4: not an image
+    _save_truncated(np.zeros((H, W, 3), np.uint8), images / "a.png", "PNG")  # id 1: cut short
+    Image.new("RGB", (W + 1, H)).save(images / "crowdonly.png")          # id 5: another size
+    val = CocoDataset(ann_file, train=False)
+    with pytest.raises(BadImagesError) as err:
+        val.check_images(progress=False)
+    assert [(i, w.split(" (")[0]) for _, i, w in err.value.problems] == [
+        (1, "damaged or cut short"), (3, "file not found"), (4, "not an image Pillow can read"),
+        (5, "is 41x30 pixels")]
+    text = str(err.value)
+    assert text.startswith(f"{ann_file}: 4 images cannot be used:\n"
+                           f"  {images / 'a.png'} (image id 1): damaged")
+    assert text.endswith("--set skip_bad_images=True")
+    lines = []
+    val.check_images(skip=True, progress=False, log=lines.append)
+    assert val.image_ids == [2] and val.skipped_images == [1, 3, 4, 5]
+    assert "skipped 4 bad image files (skip_bad_images=True), 1 images left" in lines[0]
+    assert val.coco.getImgIds() == [2]  # kept out of evaluation's ground truth too
+
+
+def test_a_jpeg_cut_short_is_found_by_its_missing_end_marker(tmp_path):
+    from minimask.data.coco import image_problem
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(image).save(tmp_path / "whole.jpg")
+    _save_truncated(image, tmp_path / "cut.jpg", "JPEG")
+    assert image_problem(str(tmp_path / "whole.jpg"), 64, 64) is None
+    assert image_problem(str(tmp_path / "cut.jpg"), 64, 64).startswith("damaged or cut short")
+
+
+def test_an_image_that_breaks_after_the_check_is_named_when_read(coco_dir, tmp_path):
+    from minimask.data.coco import BadImagesError
+
+    ann_file, _, _ = coco_dir
+    ds = CocoDataset(ann_file)
+    ds.check_images(progress=False)
+    _save_truncated(np.zeros((H, W, 3), np.uint8), tmp_path / "images" / "a.png", "PNG")
+    with pytest.raises(BadImagesError, match=r"a\.png \(image id 1 in .*train\.json\): damaged or cut short"):
+        ds[ds.image_ids.index(1)]

@@ -138,8 +138,47 @@ def test_leaving_the_loop_early_stops_the_worker():
 def test_bad_settings():
     with pytest.raises(ValueError, match="batch_size"):
         DataLoader(Numbered(3), batch_size=0)
-    with pytest.raises(ValueError, match="make no batch"):
-        DataLoader(Numbered(3), batch_size=4, drop_last=True)
+    with pytest.raises(ValueError, match="no images"):
+        DataLoader(Numbered(0), batch_size=1)
+    with pytest.raises(ValueError, match="an epoch of 3 images makes no full batch of 4"):
+        iter(DataLoader(Numbered(3), batch_size=4, drop_last=True))
+
+
+def test_a_data_set_smaller_than_a_batch_trains_on_epochs_laid_end_to_end():
+    """5 images, batches of 8 (drop_last, as in training): Detectron2's infinite stream.  Batch
+    ``it`` is stream positions 8 it .. 8 it + 7, position p being image ``order(p // 5)[p % 5]``."""
+    ds = Numbered(5)
+    make = lambda: DataLoader(ds, batch_size=8, shuffle=True, seed=7, drop_last=True,  # noqa: E731
+                              train_transform=RandomHorizontalFlip(0.5), prefetch=False)
+    loader = make()
+    assert loader.repeats and len(loader) == 0
+    got = [ids(b) for b in take(loader.batches(0), 5)]
+    stream = np.concatenate([np.random.default_rng([7, 0, e]).permutation(5) for e in range(8)])
+    assert got == [list(stream[8 * it:8 * it + 8]) for it in range(5)]
+    for batch in got:  # every image in every batch, 3 of them twice
+        assert sorted(set(batch)) == [0, 1, 2, 3, 4] and len(batch) == 8
+    # resumed at 3: the same batches and the same flips (a pure function of seed and iteration)
+    full = take(make().batches(0), 5)
+    resumed = take(make().batches(3), 2)
+    assert [ids(b) for b in resumed] == got[3:]
+    assert [flipped(b) for b in resumed] == [flipped(b) for b in full[3:]]
+    assert make().position(3) == (4, 4)  # batch 3 starts at stream position 24 = epoch 4, image 4
+    # a set of one image fills a batch with itself
+    assert [ids(b) for b in take(DataLoader(Numbered(1), 3, shuffle=True, drop_last=True).batches(0), 2)] \
+        == [[0, 0, 0], [0, 0, 0]]
+
+
+def test_a_data_set_of_at_least_one_batch_keeps_the_per_epoch_order():
+    """The rule for sets of a batch or more is unchanged (so earlier runs resume exactly):
+    batch ``it`` is batch ``it % len`` of epoch ``it // len``, each epoch's remainder dropped."""
+    loader = DataLoader(Numbered(8), batch_size=3, shuffle=True, seed=2, drop_last=True, prefetch=False)
+    assert not loader.repeats and len(loader) == 2
+    got = [ids(b) for b in take(loader.batches(0), 6)]
+    expected = [list(np.random.default_rng([2, 0, it // 2]).permutation(8)[3 * (it % 2):3 * (it % 2) + 3])
+                for it in range(6)]
+    assert got == expected
+    exact = DataLoader(Numbered(8), batch_size=8, shuffle=True, seed=2, drop_last=True, prefetch=False)
+    assert not exact.repeats and len(exact) == 1
 
 
 def test_on_a_real_coco_data_set(tmp_path):

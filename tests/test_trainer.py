@@ -121,7 +121,7 @@ def test_run_writes_metrics_checkpoints_plot_and_follows_the_schedule(shapes, tm
     # Checkpoints every 5, the newest 2 kept; the last one holds the final state.
     names = [os.path.basename(p) for p in list_checkpoints(str(tmp_path))]
     assert names == ["model_0000015.npz", "model_0000020.npz"]
-    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".partial")]
     state = load_checkpoint(latest_checkpoint(str(tmp_path)))
     assert state["iteration"] == 20 and state["loader"]["seed"] == 3
     assert state["config"].class_names == ("circle", "triangle", "square")
@@ -185,17 +185,85 @@ def test_fresh_run_refuses_a_folder_with_checkpoints(shapes, tmp_path):
         run(shapes, tmp_path)
 
 
-def test_missing_image_file_is_named(shapes, tmp_path):
+def _with_bad_images(shapes, tmp_path):
+    """The shapes set's JSON with image 0 missing, image 1 not an image and image 2 of another
+    size than the JSON says, in a folder of its own (so the module's files stay intact)."""
+    import shutil
+
+    from PIL import Image
+
     with open(shapes[0]) as f:
         data = json.load(f)
+    images = tmp_path / "images"
+    shutil.copytree(os.path.join(os.path.dirname(shapes[0]), "images"), images)
     data["images"][0]["file_name"] = "no_such_image.png"
+    (images / data["images"][1]["file_name"]).write_bytes(b"not a png at all")
+    Image.new("RGB", (65, 64)).save(images / data["images"][2]["file_name"])
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(data))
+    return str(ann), data
+
+
+def test_bad_image_files_are_all_named_before_training(shapes, tmp_path):
+    from minimask.data.coco import BadImagesError
+
+    ann, data = _with_bad_images(shapes, tmp_path)
+    with pytest.raises(BadImagesError) as err:
+        train(small_cfg(), ann, out_dir=str(tmp_path / "run"), log=lambda *a: None, model_fn=FakeModel,
+              progress=False)
+    text = str(err.value)
+    assert text.startswith(f"{ann}: 3 images cannot be used:")
+    assert "no_such_image.png (image id 1): file not found" in text
+    assert f"{data['images'][1]['file_name']} (image id 2): not an image Pillow can read" in text
+    assert "(image id 3): is 65x64 pixels (width x height) but the JSON says 64x64" in text
+    assert "--set skip_bad_images=True" in text
+    assert not (tmp_path / "run").exists()  # refused before the run folder was made
+
+
+def test_skip_bad_images_trains_on_the_rest(shapes, tmp_path):
+    ann, _ = _with_bad_images(shapes, tmp_path)
+    lines = []
+    train(small_cfg(iters=3, skip_bad_images=True), ann, out_dir=str(tmp_path / "run"), log=lines.append,
+          model_fn=FakeModel, progress=False)
+    assert any("skipped 3 bad image files (skip_bad_images=True), 3 images left" in x for x in lines)
+    assert len(read_metrics(tmp_path / "run")) == 3
+
+
+def test_a_data_set_smaller_than_a_batch_trains_and_says_so(shapes, tmp_path):
+    lines = []
+    train(small_cfg(batch_size=8, iters=3), shapes[0], out_dir=str(tmp_path), log=lines.append,
+          model_fn=FakeModel, progress=False)
+    assert any("6 images are fewer than a batch of 8: each batch repeats them" in x for x in lines)
+    assert [r["iter"] for r in read_metrics(tmp_path)] == [0, 1, 2]
+
+
+def test_no_usable_image_names_the_file(shapes, tmp_path):
+    with open(shapes[0]) as f:
+        data = json.load(f)
+    for a in data["annotations"]:
+        a["bbox"][2] = 0.5  # every box thinner than a pixel: all degenerate
     ann = tmp_path / "train.json"
     ann.write_text(json.dumps(data))
     images = os.path.join(os.path.dirname(shapes[0]), "images")
-    # Every image is read within 3 batches of 2, so the missing one is met early.
-    with pytest.raises(FileNotFoundError, match="image file not found: .*no_such_image.png"):
+    with pytest.raises(ValueError, match=r"train\.json: no image with a usable annotation to train on \(of "
+                                         r"its 6 images, 6 have no object"):
         train(small_cfg(), str(ann), images, out_dir=str(tmp_path / "run"), log=lambda *a: None,
               model_fn=FakeModel, progress=False)
+
+
+def test_boxes_without_segmentations_refuse_a_mask_model_and_train_without_masks(shapes, tmp_path):
+    with open(shapes[0]) as f:
+        data = json.load(f)
+    for a in data["annotations"]:
+        del a["segmentation"]
+    ann = tmp_path / "train.json"
+    ann.write_text(json.dumps(data))
+    images = os.path.join(os.path.dirname(shapes[0]), "images")
+    kw = dict(log=lambda *a: None, model_fn=FakeModel, progress=False)
+    with pytest.raises(ValueError, match="but no segmentation.*--set mask_on=False"):
+        train(small_cfg(), str(ann), images, out_dir=str(tmp_path / "a"), **kw)
+    train(small_cfg(iters=2, mask_on=False), str(ann), images, out_dir=str(tmp_path / "b"), **kw)
+    assert len(read_metrics(tmp_path / "b")) == 2
 
 
 def test_malformed_json_is_named(tmp_path):
@@ -209,6 +277,76 @@ def test_malformed_json_is_named(tmp_path):
 def test_class_count_mismatch_says_what_to_set(shapes, tmp_path):
     with pytest.raises(ValueError, match=r"needs num_classes=4 .*--set num_classes=4"):
         run(shapes, tmp_path, small_cfg(num_classes=6))
+
+
+# ---------------------------------------------------------------- interruptions
+
+
+class SignalAt(FakeModel):
+    """Sends this process ``signum`` while computing iteration ``at`` (as a Ctrl-C would)."""
+
+    def __init__(self, cfg, at=None, signum=None):
+        super().__init__(cfg)
+        self.at, self.signum = at, signum
+
+    def forward(self, images, targets):
+        if self.calls == self.at:
+            os.kill(os.getpid(), self.signum)
+        return super().forward(images, targets)
+
+
+@pytest.mark.parametrize("name", ["SIGINT", "SIGTERM"])
+def test_a_signal_finishes_the_iteration_saves_it_and_resume_is_exact(shapes, tmp_path, name):
+    import signal
+
+    from minimask.engine.trainer import TrainingInterrupted
+
+    signum = getattr(signal, name)
+    before = signal.getsignal(signum)
+    _, whole_model = run(shapes, tmp_path / "whole")
+    part = tmp_path / "part"
+    with pytest.raises(TrainingInterrupted) as err:
+        train(small_cfg(), shapes[0], out_dir=str(part), log=lambda *a: None, progress=False,
+              model_fn=lambda c: SignalAt(c, at=7, signum=signum))
+    # iteration 7 (sent during it) finished and was saved, between the periodic checkpoints
+    assert err.value.signum == signum and err.value.iteration == 8 and not err.value.at_once
+    assert err.value.checkpoint == checkpoint_path(str(part), 8) == latest_checkpoint(str(part))
+    assert len(read_metrics(part)) == 8
+    assert signal.getsignal(signum) is before  # the handler is put back
+    _, resumed_model = run(shapes, part, resume=True)
+    keys = ("iter", "loss_fit", "loss_reg", "total", "lr")
+    assert [[r[k] for k in keys] for r in read_metrics(part)] == \
+        [[r[k] for k in keys] for r in read_metrics(tmp_path / "whole")]
+    for k, v in whole_model.state_dict().items():
+        np.testing.assert_array_equal(resumed_model.state_dict()[k], v)
+
+
+def test_resume_passes_over_an_unreadable_newest_checkpoint(shapes, tmp_path):
+    run(shapes, tmp_path, small_cfg(iters=10, keep_checkpoints=0))   # checkpoints at 5 and 10
+    with open(checkpoint_path(str(tmp_path), 10), "r+b") as f:
+        f.truncate(1000)                                              # cut short
+    (tmp_path / ".model_0000015.npz.abc.partial").write_bytes(b"half")  # left by a killed save
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"iter": 10, "loss_fi')                              # a line cut by a kill
+    lines = []
+    train(small_cfg(iters=12, keep_checkpoints=0), shapes[0], out_dir=str(tmp_path), resume=True,
+          log=lines.append, model_fn=FakeModel, progress=False)
+    text = "\n".join(lines)
+    assert f"warning: {checkpoint_path(str(tmp_path), 10)}: not a readable minimask checkpoint" in text
+    assert f"resuming from the previous good checkpoint, {checkpoint_path(str(tmp_path), 5)}" in text
+    assert "removed 1 unfinished file(s) of a run killed while saving: " \
+           ".model_0000015.npz.abc.partial" in text
+    assert not (tmp_path / ".model_0000015.npz.abc.partial").exists()
+    assert [r["iter"] for r in read_metrics(tmp_path)] == list(range(12))
+    assert load_checkpoint(checkpoint_path(str(tmp_path), 10))["iteration"] == 10  # rewritten whole
+
+
+def test_resume_with_no_readable_checkpoint_lists_them(shapes, tmp_path):
+    run(shapes, tmp_path, small_cfg(iters=5))
+    with open(checkpoint_path(str(tmp_path), 5), "wb") as f:
+        f.write(b"PK\x03\x04 garbage")
+    with pytest.raises(ValueError, match=r"no checkpoint in .* can be resumed from:\n  .*model_0000005\.npz"):
+        run(shapes, tmp_path, resume=True)
 
 
 # ---------------------------------------------------------------- pieces

@@ -10,6 +10,14 @@ GPUs), iterating over the data in a random order.  Two properties matter for a t
 - global batch ``it`` is batch ``it % len(loader)`` of epoch ``it // len(loader)``;
 - the augmentation of the ``j``-th image of batch ``it`` draws from ``default_rng([seed, 1, it, j])``.
 
+**A data set smaller than a batch still trains.**  With ``drop_last`` and fewer images than
+``batch_size`` no epoch holds a full batch, so the training stream (``batches``) is cut instead
+from the endless sequence of epochs laid end to end, as Detectron2's ``TrainingSampler``:
+image ``p`` of that sequence is ``order(p // n)[p % n]``, and batch ``it`` is images
+``it * batch_size`` to ``(it + 1) * batch_size - 1``.  Every batch then holds each image at
+least once (some twice, each with its own flip draw), and the order is still a pure function of
+``(seed, iteration)``.  Data sets of at least one batch keep the per-epoch rule above.
+
 So a run stopped at iteration 5000 and resumed with ``loader.batches(start_iter=5000)`` sees
 exactly the batches, flips included, it would have seen without stopping; the trainer saves
 only ``seed`` and the iteration in its checkpoint.  (A running generator would have to be saved
@@ -18,8 +26,10 @@ and restored, and would depend on how many draws each image happened to take.)
 **Prefetch.**  While the model computes on one batch, a background thread reads and decodes
 the next: Pillow releases Python's lock (the GIL) while it decodes PNG/JPEG, so reading truly
 overlaps with NumPy's work in the main thread.  The queue holds one ready batch, so memory
-stays bounded.  An exception in the thread is passed
-through the queue and raised again in the main thread, with a note naming the batch.
+stays bounded.  An exception in the thread is passed through the queue and raised again in the
+main thread, with a note naming the batch; the data set's own errors name the file (a file that
+changed on disk after the check before training, say), so the command prints one line, not the
+worker's traceback.
 
     loader = DataLoader(dataset, batch_size=8, shuffle=True, seed=0,
                         train_transform=RandomHorizontalFlip(0.5), drop_last=True)
@@ -60,12 +70,17 @@ class DataLoader:
         self.drop_last = drop_last
         self.prefetch = prefetch
         self.epoch = 0  # the epoch ``iter(loader)`` goes over next
-        if len(self) == 0:
-            raise ValueError(f"DataLoader: {len(dataset)} images make no batch of {batch_size} "
-                             f"(drop_last={drop_last})")
+        if len(dataset) == 0:
+            raise ValueError("DataLoader: the data set has no images")
+
+    @property
+    def repeats(self):
+        """True if training batches repeat images: ``drop_last`` with fewer images than a batch
+        (batches cut across epochs, see the module's docstring)."""
+        return self.drop_last and len(self.dataset) < self.batch_size
 
     def __len__(self):
-        """Batches per epoch."""
+        """Batches per epoch (0 for a data set smaller than one batch with ``drop_last``)."""
         n = len(self.dataset)
         return n // self.batch_size if self.drop_last else -(-n // self.batch_size)
 
@@ -79,11 +94,18 @@ class DataLoader:
         return np.random.default_rng([self.seed, 0, epoch]).permutation(n)
 
     def position(self, iteration):
-        """(epoch, batch within the epoch) of global batch ``iteration``."""
+        """(epoch, batch within the epoch) of global batch ``iteration``; for a data set smaller
+        than a batch (``repeats``), (epoch, image within it) of the batch's first image."""
+        if self.repeats:
+            return divmod(int(iteration) * self.batch_size, len(self.dataset))
         return divmod(int(iteration), len(self))
 
     def indices(self, iteration):
         """The data set indices of global batch ``iteration``."""
+        if self.repeats:  # cut from the epochs laid end to end (Detectron2's infinite stream)
+            n, first = len(self.dataset), int(iteration) * self.batch_size
+            orders = {e: self.order(e) for e in range(first // n, (first + self.batch_size - 1) // n + 1)}
+            return np.array([orders[p // n][p % n] for p in range(first, first + self.batch_size)])
         epoch, b = self.position(iteration)
         return self.order(epoch)[b * self.batch_size:(b + 1) * self.batch_size]
 
@@ -118,6 +140,10 @@ class DataLoader:
 
     def __iter__(self):
         """One epoch (``self.epoch``, then the next on the following ``iter``)."""
+        if len(self) == 0:
+            raise ValueError(f"DataLoader: an epoch of {len(self.dataset)} images makes no full batch of "
+                             f"{self.batch_size} (drop_last=True); the training stream ``batches()`` "
+                             f"repeats images to fill its batches")
         epoch, self.epoch = self.epoch, self.epoch + 1
         return self.batches(epoch * len(self), (epoch + 1) * len(self))
 

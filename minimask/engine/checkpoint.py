@@ -13,8 +13,12 @@ The data loader needs no state of its own: its order and flips are a pure functi
 ``(seed, iteration)`` (see ``data/loader.py``), so the seed and the iteration say where it was.
 
 Arrays are stored as NumPy (copied off the GPU), so a checkpoint loads on either device.  The
-file is written to a temporary name in the same folder and renamed over the final name
-(``nn.save_npz``): a crash while writing leaves the previous checkpoint whole.
+file is written to a temporary name (``.model_*.npz.*.partial``) in the same folder, synced to disk and
+renamed over the final name (``nn.save_npz``): a crash, a kill or a power cut while writing
+leaves the previous checkpoints whole and no ``model_*.npz`` half written; a killed run leaves
+at most its temporary file, which the next run removes (``remove_unfinished``).  Should a
+checkpoint still be unreadable (a copied file cut short, a full disk elsewhere),
+``resumable_checkpoint`` names it and falls back to the newest one that loads.
 
 Files are named ``model_0000500.npz`` after the number of iterations *completed*, which is
 also the iteration a resumed run starts from.
@@ -113,20 +117,65 @@ def load_checkpoint(path):
     if "meta" not in arrays:
         raise ValueError(f"{path}: not a minimask checkpoint (no 'meta' entry; a bare model "
                          f"state dict has only weights)")
-    meta = json.loads(str(arrays.pop("meta")))
-    model = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
-    optim_arrays = {k: v for k, v in arrays.items() if k.startswith("optim.")}
-    optim = (_unflatten_optimizer(optim_arrays, meta["optim_param_groups"])
-             if "optim_param_groups" in meta else None)
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+        model = {k[len("model."):]: v for k, v in arrays.items() if k.startswith("model.")}
+        optim_arrays = {k: v for k, v in arrays.items() if k.startswith("optim.")}
+        optim = (_unflatten_optimizer(optim_arrays, meta["optim_param_groups"])
+                 if "optim_param_groups" in meta else None)
+        config = from_dict(meta["config"]) if "config" in meta else None
+        iteration = int(meta.get("iteration", 0))
+    except (ValueError, TypeError, KeyError, AttributeError) as e:  # a damaged or foreign 'meta'
+        raise ValueError(f"{path}: not a readable minimask checkpoint (its settings: "
+                         f"{type(e).__name__}: {e})") from None
     return {
         "model": model,
         "optim": optim,
         "scheduler": meta.get("scheduler"),
-        "config": from_dict(meta["config"]) if "config" in meta else None,
-        "iteration": int(meta.get("iteration", 0)),
+        "config": config,
+        "iteration": iteration,
         "loader": meta.get("loader"),
         "extra": meta.get("extra"),
     }
+
+
+def resumable_checkpoint(run_dir, log=print):
+    """``(path, state)`` of the newest checkpoint of ``run_dir`` that loads and holds a training
+    state (optimizer, schedule, data seed), or ``(None, None)`` if there is no checkpoint.
+
+    An unreadable newer one is named in a warning and passed over; if none can be used the
+    error lists them all."""
+    found = list_checkpoints(run_dir)
+    problems = []
+    for path in reversed(found):
+        try:
+            state = load_checkpoint(path)
+            missing = [k for k in ("optim", "scheduler", "loader") if state[k] is None]
+            if missing:
+                raise ValueError(f"{path}: holds no training state ({', '.join(missing)} missing), so "
+                                 f"training cannot continue from it")
+        except (ValueError, OSError) as e:
+            problems.append(str(e))
+            continue
+        for problem in problems:
+            log(f"warning: {problem}; resuming from the previous good checkpoint, {path}")
+        return path, state
+    if problems:
+        raise ValueError(f"no checkpoint in {run_dir} can be resumed from:\n  " + "\n  ".join(problems) +
+                         "\nremove them to start afresh, or choose another --out")
+    return None, None
+
+
+def remove_unfinished(run_dir):
+    """Delete the temporary files (``.*.partial``) of saves that never finished (the process was
+    killed while writing); return their paths."""
+    if not os.path.isdir(run_dir):
+        return []
+    gone = [os.path.join(run_dir, name) for name in os.listdir(run_dir)
+            if name.startswith(".") and name.endswith(".partial")]
+    for path in gone:
+        os.remove(path)
+    return gone
 
 
 def prune_checkpoints(run_dir, keep):
@@ -140,4 +189,4 @@ def prune_checkpoints(run_dir, keep):
 
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "list_checkpoints",
-           "checkpoint_path", "prune_checkpoints"]
+           "checkpoint_path", "prune_checkpoints", "resumable_checkpoint", "remove_unfinished"]

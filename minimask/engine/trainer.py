@@ -22,7 +22,15 @@ What makes it a tool:
   loader's order and flips (``data/loader.py``), and the model's own generators, which
   ``model.reseed(seed, iteration)`` replaces before each iteration;
 - a NaN or infinite loss stops the run *before* the update, naming the term and the
-  iteration, so the last checkpoint is still a good one to go back to (with a lower lr, say).
+  iteration, so the last checkpoint is still a good one to go back to (with a lower lr, say);
+- nothing is lost to an interruption: SIGINT (Ctrl-C) or SIGTERM lets the iteration in
+  progress finish (or drops a periodic evaluation), saves a checkpoint of the last completed
+  iteration and raises ``TrainingInterrupted`` (the command prints how to resume and exits
+  with 130 or 143); a second signal stops at once.  A run killed outright (SIGKILL, a crash)
+  resumes from its last periodic checkpoint, since checkpoints are written atomically;
+- the data is checked before the first iteration: annotations when they are read
+  (``CocoDataset``), every image file at once (``CocoDataset.check_images``; with
+  ``cfg.skip_bad_images`` the bad ones are left out instead).
 
 The engine calls the model only through its public surface: ``model(images, targets)`` (the
 loss dict), ``model.predict(images)``, ``model.reseed(seed, iteration)``, and the ``Module``
@@ -35,6 +43,9 @@ import dataclasses
 import json
 import math
 import os
+import signal
+import tempfile
+import threading
 import time
 
 import numpy as np
@@ -43,8 +54,9 @@ from .checkpoint import (
     checkpoint_path,
     latest_checkpoint,
     list_checkpoints,
-    load_checkpoint,
     prune_checkpoints,
+    remove_unfinished,
+    resumable_checkpoint,
     save_checkpoint,
 )
 
@@ -94,12 +106,35 @@ class Run:
 
 
 def _read_metrics(path, before=None):
-    """Records of ``metrics.jsonl`` (those with iter < ``before`` if given)."""
+    """Records of ``metrics.jsonl`` (those with iter < ``before`` if given).  A line that does not
+    parse (the last one, cut short by a kill while it was written) is left out."""
     if not os.path.isfile(path):
         return []
+    records = []
     with open(path) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("iter"), int):
+                records.append(record)
     return [r for r in records if before is None or r["iter"] < before]
+
+
+def _write_text(path, text):
+    """Replace the file ``path`` by ``text`` atomically (temporary file, then ``os.replace``, as
+    the checkpoints), so a kill while it is written keeps the old file."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix="." + os.path.basename(path) + ".", suffix=".partial")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
 
 
 def _config_changes(old, new):
@@ -111,17 +146,23 @@ def open_run(cfg, out_dir, resume=False, log=print):
     """Create or reopen the run folder ``out_dir`` for ``cfg``; returns a ``Run``.
 
     A fresh run refuses a folder that already holds checkpoints; ``resume`` loads the newest
-    one.  ``config.json`` is (re)written, and ``metrics.jsonl`` lines past the checkpoint (from
-    a run that crashed later) are dropped, since those iterations are redone.
+    one that can be read (an unreadable newer one is named in a warning and passed over).
+    ``config.json`` is (re)written, and ``metrics.jsonl`` lines past the checkpoint (from a run
+    that crashed later) are dropped, since those iterations are redone.  Temporary files of a
+    save that a kill cut short are removed.
     """
     os.makedirs(out_dir, exist_ok=True)
+    unfinished = remove_unfinished(out_dir)
+    if unfinished:
+        log(f"removed {len(unfinished)} unfinished file(s) of a run killed while saving: "
+            f"{', '.join(os.path.basename(p) for p in unfinished)}")
     run = Run(out_dir, seed=cfg.seed)
     if resume:
-        found = latest_checkpoint(out_dir)
+        found, state = resumable_checkpoint(out_dir, log)
         if found is None:
             log(f"resume: no checkpoint in {out_dir}, starting from iteration 0")
         else:
-            run.state = load_checkpoint(found)
+            run.state = state
             run.start, run.last_good = run.state["iteration"], found
             run.seed = run.state["loader"]["seed"]  # the data order of the run being continued
             log(f"resuming from {found} (iteration {run.start})")
@@ -133,11 +174,9 @@ def open_run(cfg, out_dir, resume=False, log=print):
         raise FileExistsError(f"{out_dir} already holds checkpoints "
                               f"({os.path.basename(latest_checkpoint(out_dir))}); pass resume=True "
                               f"(--resume) to continue that run, or choose another out_dir (--out)")
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(dataclasses.asdict(cfg), f, indent=2)
+    _write_text(os.path.join(out_dir, "config.json"), json.dumps(dataclasses.asdict(cfg), indent=2))
     run.records = _read_metrics(run.metrics_path, before=run.start)
-    with open(run.metrics_path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in run.records)
+    _write_text(run.metrics_path, "".join(json.dumps(r) + "\n" for r in run.records))
     return run
 
 
@@ -244,6 +283,97 @@ def _progress(cfg, start, log, enabled):
     return bar, log
 
 
+# ---------------------------------------------------------------- interruptions
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training stopped by a signal (SIGINT: Ctrl-C, or SIGTERM).
+
+    signum:     the signal (``signal.SIGINT`` or ``signal.SIGTERM``);
+    iteration:  iterations completed and saved (None after a second signal: the one in progress
+                was dropped and ``checkpoint`` is the last one written before);
+    checkpoint: the checkpoint to resume from (None if no iteration had completed);
+    at_once:    True if a second signal cut the run short without waiting.
+    """
+
+    def __init__(self, signum, iteration, checkpoint, at_once=False):
+        self.signum, self.iteration, self.checkpoint, self.at_once = signum, iteration, checkpoint, at_once
+        name = signal.Signals(signum).name
+        if at_once:
+            text = f"{name} twice: stopped at once, the iteration in progress is lost"
+        else:
+            text = f"{name}: stopped after iteration {iteration}"
+        super().__init__(text + (f"; checkpoint {checkpoint}" if checkpoint else "; no checkpoint yet"))
+
+
+class _Abandon(KeyboardInterrupt):
+    """Raised by the signal handler inside work that may be dropped (a periodic evaluation)."""
+
+
+class _StopOnSignal:
+    """While training: the first SIGINT or SIGTERM only asks the loop to stop (``signum``), so
+    the iteration in progress finishes (a signal arriving inside a NumPy or Numba call is seen
+    when it returns, never half-way through an update); during ``abandon`` work (evaluation)
+    it raises ``_Abandon`` to drop that work.  A second signal raises ``TrainingInterrupted``
+    at once.  Installed only in the main thread (the only one Python lets handle signals)."""
+
+    def __init__(self, run):
+        self.run, self.signum, self.abandon, self._old = run, None, False, {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+        self._old = {}
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:
+            raise TrainingInterrupted(signum, None, self.run.last_good, at_once=True)
+        self.signum = signum
+        # os.write, not print: the handler may run in the middle of a print in the main thread
+        key = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        os.write(2, f"\n{signal.Signals(signum).name}: finishing the current iteration, then saving a "
+                    f"checkpoint ({key} again to quit at once)\n".encode())
+        if self.abandon:
+            raise _Abandon()
+
+
+# ---------------------------------------------------------------- the data
+
+
+def _load_data(cfg, train_ann, train_images, val_ann, val_images, log, progress):
+    """The training and validation ``CocoDataset``s, checked: annotations as they are read,
+    then every image file at once (bad ones skipped with ``cfg.skip_bad_images``)."""
+    from ..data import CocoDataset
+
+    dataset = CocoDataset(train_ann, train_images, train=True, masks=cfg.mask_on)
+    val_set = CocoDataset(val_ann, val_images, train=False, masks=False) if val_ann else None
+    if val_set is not None and cfg.mask_on and not val_set.has_masks and \
+            any(val_set.anns[i] for i in val_set.image_ids):
+        raise ValueError(f"{val_set.ann_file}: no annotation has a segmentation, so the mask AP of a mask "
+                         f"model cannot be computed on it; give a --val-ann with masks (or none), or train "
+                         f"boxes only with --set mask_on=False")
+    for ds in (dataset, val_set):
+        for note in getattr(ds, "notes", ()):
+            log(note)
+    cfg = _match_classes(cfg, dataset, log)
+    for ds in (dataset, val_set):
+        if ds is not None:
+            ds.check_images(skip=cfg.skip_bad_images, progress=progress, log=log)
+    if len(dataset) == 0:
+        bad = len(dataset.skipped_images)
+        raise ValueError(f"{dataset.ann_file}: no image with a usable annotation to train on (of its "
+                         f"{len(dataset.images)} images, {len(dataset.images) - bad} have no object: no "
+                         f"annotation, only crowd regions or only degenerate ones" +
+                         (f"; {bad} bad image files were skipped" if bad else "") + ")")
+    return cfg, dataset, val_set
+
+
 # ---------------------------------------------------------------- the loop
 
 
@@ -261,15 +391,16 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
     model_fn:     ``cfg -> Module``; default ``models.build_model`` (tests pass a tiny model with
                   the same public surface: ``model(images, targets)``, ``predict``, ``reseed``).
     progress:     show a tqdm bar (losses, lr, s/iter, ETA).
+
+    Raises ``TrainingInterrupted`` (a ``KeyboardInterrupt``) after SIGINT or SIGTERM, once the
+    last completed iteration is saved.
     """
-    from ..data import CocoDataset, DataLoader, RandomHorizontalFlip
+    from ..data import DataLoader, RandomHorizontalFlip
     from .evaluator import evaluate
 
     if device not in ("cpu", "gpu"):
         raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
-    dataset = CocoDataset(train_ann, train_images, train=True)
-    val_set = CocoDataset(val_ann, val_images, train=False) if val_ann else None
-    cfg = _match_classes(cfg, dataset, log)
+    cfg, dataset, val_set = _load_data(cfg, train_ann, train_images, val_ann, val_images, log, progress)
     run = open_run(cfg, out_dir, resume, log)
     model, optimizer, scheduler = build_training(cfg, device, run.state, model_fn)
     # A flipped left knee is a right knee: keypoint data sets give the swap map.
@@ -278,12 +409,23 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
                         train_transform=flip, drop_last=True)
     log(f"training on {len(dataset)} images ({dataset.ann_file}), {len(dataset.class_names)} classes, "
         f"batch {cfg.batch_size}, iterations {run.start}..{cfg.iters}, device {device}, output {out_dir}")
+    if loader.repeats:
+        log(f"{len(dataset)} images are fewer than a batch of {cfg.batch_size}: each batch repeats them "
+            f"(cut from shuffled passes over the images laid end to end)")
+    late = [m for m in cfg.milestones if m >= cfg.iters]
+    if late:
+        log(f"note: milestones {list(late)} are at or past iters={cfg.iters}: the learning rate does not "
+            f"drop there in this run")
     bar, log = _progress(cfg, run.start, log, progress)
     batches = loader.batches(run.start, cfg.iters)
+    stop = _StopOnSignal(run)
+    done = run.start
     try:
-        with open(run.metrics_path, "a") as metrics_file:
+        with stop, open(run.metrics_path, "a") as metrics_file:
             t_data = time.perf_counter()
             for it, (images, targets) in enumerate(batches, run.start):
+                if stop.signum is not None:
+                    break  # asked to stop while the batch was read: iteration ``it`` is not begun
                 t0 = time.perf_counter()
                 model.reseed(run.seed, it)
                 lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
@@ -310,11 +452,25 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
                                                     scheduler, cfg, done, loader)
                     prune_checkpoints(out_dir, cfg.keep_checkpoints)
                 if val_set is not None and cfg.eval_period > 0 and done % cfg.eval_period == 0 \
-                        and done != cfg.iters:
-                    evaluate(model, val_set, os.path.join(out_dir, f"eval_{done:07d}"),
-                             batch_size=cfg.batch_size, log=log)
+                        and done != cfg.iters and stop.signum is None:
+                    stop.abandon = True
+                    try:
+                        evaluate(model, val_set, os.path.join(out_dir, f"eval_{done:07d}"),
+                                 batch_size=cfg.batch_size, log=log)
+                    except _Abandon:
+                        log(f"evaluation at iteration {done} dropped")
+                    finally:
+                        stop.abandon = False
                     model.train()
+                if stop.signum is not None:
+                    break
                 t_data = time.perf_counter()
+            if stop.signum is not None:
+                path = checkpoint_path(out_dir, done)
+                if done > 0 and run.last_good != path:
+                    run.last_good = save_checkpoint(path, model, optimizer, scheduler, cfg, done, loader)
+                    prune_checkpoints(out_dir, cfg.keep_checkpoints)
+                raise TrainingInterrupted(stop.signum, done, run.last_good)
     finally:
         batches.close()  # stops the prefetch thread
         if bar is not None:
@@ -322,4 +478,5 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
     return finish(run, cfg, model, val_set, log)
 
 
-__all__ = ["train", "train_step", "open_run", "build_training", "finish", "Run", "save_loss_plot"]
+__all__ = ["train", "train_step", "open_run", "build_training", "finish", "Run", "save_loss_plot",
+           "TrainingInterrupted"]

@@ -12,6 +12,8 @@ imported) and the comment names Detectron2's value.
 
 import ast
 import dataclasses
+import math
+import numbers
 from dataclasses import dataclass
 
 
@@ -105,6 +107,7 @@ class MaskRCNNConfig:
     checkpoint_period: int = 5000
     eval_period: int = 0                 # 0: only at the end
     keep_checkpoints: int = 3
+    skip_bad_images: bool = False        # leave out unreadable image files (counted) instead of stopping
 
     def __post_init__(self):
         check(self)
@@ -121,19 +124,107 @@ CHOICES = {
 }
 
 
+# Valid ranges, checked by ``check``: (lowest, highest, lowest included, highest included).
+_INF = float("inf")
+AT_LEAST_1 = (1, _INF, True, False)
+AT_LEAST_0 = (0, _INF, True, False)
+POSITIVE = (0, _INF, False, False)
+UNIT = (0.0, 1.0, True, True)             # IoU and score thresholds, probabilities
+FRACTION = (0.0, 1.0, False, True)        # a share of something: (0, 1]
+_COUNTS = ("max_size", "size_divisible", "width", "fpn_out_channels", "rpn_pre_nms_top_n_train",
+           "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test",
+           "rpn_batch_size_per_image", "box_batch_size_per_image", "box_pool_size", "box_head_dim",
+           "box_detections_per_img", "mask_pool_size", "mask_head_dim", "mask_head_convs",
+           "keypoint_pool_size", "keypoint_head_dim", "keypoint_head_convs", "batch_size", "iters")  # >= 1
+_PERIODS = ("sampling_ratio", "warmup_iters", "seed", "checkpoint_period", "eval_period",
+            "keep_checkpoints")                                                        # whole, >= 0 (0: off)
+RANGES = {
+    **{name: AT_LEAST_1 for name in _COUNTS},
+    **{name: AT_LEAST_0 for name in _PERIODS + ("weight_decay", "rpn_min_size", "frozen_bn_eps")},
+    **{name: UNIT for name in (
+        "rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_score_thresh", "box_fg_iou_thresh",
+        "box_bg_iou_thresh", "box_score_thresh", "box_nms_thresh", "mask_threshold", "hflip_prob")},
+    **{name: FRACTION for name in ("rpn_positive_fraction", "box_positive_fraction", "warmup_factor",
+                                   "gamma")},
+    "lr": POSITIVE,
+    "momentum": (0.0, 1.0, True, False),
+}
+INTEGERS = set(_COUNTS + _PERIODS) | {"num_classes", "depth", "freeze_at", "num_keypoints", "keypoint_label"}
+BOOLEANS = {"aligned", "labels_are_coco_ids", "class_agnostic_masks", "mask_on", "keypoint_on",
+            "skip_bad_images"}
+
+
+def _range_text(lo, hi, lo_in, hi_in):
+    if hi == _INF:
+        return f">= {lo}" if lo_in else f"> {lo}"
+    return f"in {'[' if lo_in else '('}{lo}, {hi}{']' if hi_in else ')'}"
+
+
+def _is_int(v):
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
+
+
+def _is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _numbers(cfg, name, count=None, positive=False, integer=False):
+    """Check the tuple field ``name``: ``count`` entries (any if None, but at least one), each a
+    finite number (positive, whole, as asked)."""
+    value = getattr(cfg, name)
+    ok = isinstance(value, (tuple, list)) and len(value) > 0 and (count is None or len(value) == count) and \
+        all((_is_int(v) if integer else _is_real(v)) and (v > 0 or not positive) for v in value)
+    if not ok:
+        what = (f"{count} " if count else "one or more ") + ("positive " if positive else "") + \
+            ("whole numbers" if integer else "finite numbers")
+        raise ValueError(f"config: {name}={value!r} must be {what}")
+
+
 def check(cfg):
-    """Raise ValueError naming the field and the valid values for a bad setting."""
+    """Raise ValueError naming the field, its value and the valid range for a bad setting.
+
+    Runs when a config is made (``__post_init__``), so a bad ``--set`` is refused when the
+    command line is parsed, before any data is read."""
     for name, valid in CHOICES.items():
         if getattr(cfg, name) not in valid:
             raise ValueError(f"config: {name}={getattr(cfg, name)!r} is not one of {list(valid)}")
+    for name in BOOLEANS:
+        if not isinstance(getattr(cfg, name), bool):
+            raise ValueError(f"config: {name}={getattr(cfg, name)!r} must be True or False")
+    for name in INTEGERS:
+        if not _is_int(getattr(cfg, name)):
+            raise ValueError(f"config: {name}={getattr(cfg, name)!r} must be a whole number")
+    for name, (lo, hi, lo_in, hi_in) in RANGES.items():
+        v = getattr(cfg, name)
+        inside = _is_real(v) and (v >= lo if lo_in else v > lo) and (v <= hi if hi_in else v < hi)
+        if not inside:
+            raise ValueError(f"config: {name}={v!r} must be {_range_text(lo, hi, lo_in, hi_in)}")
     if cfg.num_classes < 2:
         raise ValueError(f"config: num_classes={cfg.num_classes} must count background and at least "
-                         f"one class")
+                         f"one class (>= 2)")
     if not 0 <= cfg.freeze_at <= 5:
         raise ValueError(f"config: freeze_at={cfg.freeze_at} must be in 0..5")
-    if len(cfg.anchor_sizes) != 5:
+    if not isinstance(cfg.anchor_sizes, (tuple, list)) or len(cfg.anchor_sizes) != 5:
         raise ValueError(f"config: anchor_sizes needs one entry per level P2..P6, "
                          f"got {len(cfg.anchor_sizes)}")
+    for level, sizes in enumerate(cfg.anchor_sizes):
+        if not isinstance(sizes, (tuple, list)) or not sizes or not all(_is_real(v) and v > 0 for v in sizes):
+            raise ValueError(f"config: anchor_sizes={cfg.anchor_sizes!r}: level P{level + 2} must be a tuple "
+                             f"of positive sizes, got {sizes!r}")
+    _numbers(cfg, "min_size", positive=True, integer=True)
+    _numbers(cfg, "aspect_ratios", positive=True)
+    _numbers(cfg, "image_mean", count=3)
+    _numbers(cfg, "image_std", count=3, positive=True)
+    _numbers(cfg, "bbox_reg_weights", count=4, positive=True)
+    for kind in ("rpn", "box"):
+        fg, bg = getattr(cfg, f"{kind}_fg_iou_thresh"), getattr(cfg, f"{kind}_bg_iou_thresh")
+        if bg > fg:
+            raise ValueError(f"config: {kind}_bg_iou_thresh={bg} must not exceed {kind}_fg_iou_thresh={fg}")
+    m = cfg.milestones
+    if not isinstance(m, (tuple, list)) or not all(_is_int(v) and v > 0 for v in m) or \
+            any(b <= a for a, b in zip(m, m[1:])):
+        raise ValueError(f"config: milestones={m!r} must be whole numbers > 0, each larger than the one "
+                         f"before (the iterations where the lr drops by gamma)")
     if cfg.keypoint_on:
         if cfg.num_keypoints < 1:
             raise ValueError(f"config: num_keypoints={cfg.num_keypoints} must be at least 1")
@@ -146,9 +237,6 @@ def check(cfg):
         if cfg.keypoint_names and len(cfg.keypoint_names) != cfg.num_keypoints:
             raise ValueError(f"config: {len(cfg.keypoint_names)} keypoint_names for "
                              f"num_keypoints={cfg.num_keypoints}")
-    for name in ("lr", "batch_size", "iters", "max_size", "fpn_out_channels", "width"):
-        if getattr(cfg, name) <= 0:
-            raise ValueError(f"config: {name}={getattr(cfg, name)!r} must be positive")
 
 
 def _shapes():

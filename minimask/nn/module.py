@@ -313,22 +313,42 @@ class Module:
 def save_npz(path, arrays):
     """Write a dict of arrays to ``path`` (exactly that name) as ``.npz``, atomically.
 
-    The file is first written to a temporary file in the same folder and then renamed over
-    ``path`` with ``os.replace``, which is atomic on one file system: a crash mid-write leaves
-    the old checkpoint intact instead of a truncated one."""
+    The file is first written to a temporary file in the same folder (``.NAME.*.partial``),
+    flushed to the disk (``fsync``), then renamed over ``path`` with ``os.replace``, atomic on one file
+    system: a crash or a kill mid-write leaves the old file intact instead of a truncated one,
+    and after a power cut the new name never points at data still in the cache.  The folder is
+    synced too, so the rename itself is on the disk when this returns."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".npz")
+    # ".model_0000010.npz.x1y2.partial": hidden, and not a .npz, so no one takes it for a checkpoint
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:
             # A file object, not a name: np.savez would otherwise append ".npz" to the name.
             np.savez(f, **{k: to_device(v, "cpu") for k, v in arrays.items()})
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+    _fsync_folder(folder)
+
+
+def _fsync_folder(folder):
+    """Make a rename in ``folder`` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def load_npz(path):
