@@ -5,11 +5,16 @@ Every function draws on a matplotlib ``Axes`` you pass as ``ax``; without one it
 figure with pyplot (handy in a notebook).  The commands pass their own ``Figure`` (no pyplot,
 no GUI backend), so they run on a server with no display.
 
-Arrays may be NumPy or CuPy (they are copied to the CPU to draw).
+Arrays may be NumPy or CuPy (they are copied to the CPU to draw).  Images are drawn with
+nearest-neighbour interpolation, so an enlarged image shows its pixels as they are (a 128 px
+shapes image saved at 512 px is 4 x 4 blocks of one colour, not a blur), and box labels are
+placed so that they do not cover each other (``label_positions``).
 
     ax = draw_detections(image, pred["boxes"], pred["labels"], pred["scores"], pred["masks"],
                          class_names=("circle", "triangle", "square"))
 """
+
+import math
 
 import numpy as np
 
@@ -44,11 +49,18 @@ def colors(n, seed=0):
     return np.concatenate([base, extra])
 
 
+def display_scale(height, width, min_long_side=512):
+    """The whole factor by which to enlarge an image so that its longer side is at least
+    ``min_long_side`` pixels (1 for an image that is large enough).  A whole factor keeps every
+    pixel the same size on screen."""
+    return max(1, math.ceil(min_long_side / max(int(height), int(width), 1)))
+
+
 def show_image(image, ax=None):
-    """Show an (H, W, 3) uint8 RGB (or float) image without axes ticks."""
+    """Show an (H, W, 3) uint8 RGB (or float) image without axes ticks, pixels as blocks."""
     image = _cpu(image)
     ax = _axes(ax, image)
-    ax.imshow(image)
+    ax.imshow(image, interpolation="nearest")
     ax.set_axis_off()
     return ax
 
@@ -70,15 +82,69 @@ def show_masks(image, masks, ax=None, alpha=0.5, colours=None):
     for m, c in zip(masks, colours):  # later masks on top, as they would be drawn
         layer[m, :3] = c[:3]
         layer[m, 3] = alpha
-    ax.imshow(layer)
+    ax.imshow(layer, interpolation="nearest")
     return ax
+
+
+def _overlap(a, b):
+    """Area shared by two (x1, y1, x2, y2) rectangles."""
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+def label_positions(boxes, sizes, bounds=None):
+    """Where to put each box's label so that labels do not cover each other: (N, 4) rectangles
+    ``x1, y1, x2, y2`` in the boxes' coordinates (y growing downwards, as in an image).
+
+    boxes: (N, 4) xyxy; sizes: (N, 2) width and height of each label; bounds: optional
+    ``x1, y1, x2, y2`` the labels must stay in.  Labels are placed in order (pass the most
+    important first, e.g. by score), each at the first spot that overlaps no label placed before
+    it: above the box, inside its top, below it, inside its bottom, then one and two label
+    heights further out (or in), each at the box's left and then its right edge; if every spot
+    overlaps, the one that overlaps least.
+    """
+    boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    sizes = np.asarray(sizes, dtype=float).reshape(-1, 2)
+    placed = []
+    for (x1, y1, x2, y2), (w, h) in zip(boxes, sizes):
+        spots = []
+        rows = [y for k in range(3) for y in (y1 - (k + 1) * h, y1 + k * h, y2 + k * h, y2 - (k + 1) * h)]
+        for y in rows:
+            for x in (x1, x2 - w):
+                if bounds is not None:  # slide the label back inside, keeping the box's side
+                    x, y = min(max(x, bounds[0]), bounds[2] - w), min(max(y, bounds[1]), bounds[3] - h)
+                spots.append((x, y, x + w, y + h))
+        costs = [sum(_overlap(s, p) for p in placed) for s in spots]
+        placed.append(spots[int(np.argmin(costs))])  # argmin: the first spot of least overlap
+    return np.array(placed, dtype=float).reshape(-1, 4)
+
+
+def _place_texts(ax, boxes, texts, fontsize, pad):
+    """Label rectangles in data coordinates for ``texts`` on ``boxes``, worked out on the screen
+    (display pixels) so that they hold for any axes orientation and zoom."""
+    fig = ax.figure
+    to_screen = ax.transData
+    corners = to_screen.transform(boxes.reshape(-1, 2)).reshape(-1, 4)
+    # On the screen y grows upwards: flip it so that "above the box" means smaller y as in an image.
+    top = fig.bbox.height
+    xs, ys = corners[:, 0::2], top - corners[:, 1::2]
+    screen = np.stack([xs.min(1), ys.min(1), xs.max(1), ys.max(1)], axis=1)
+    px = fig.dpi / 72.0  # pixels per point
+    # DejaVu Sans, matplotlib's default font: about 0.6 em per character, 1.2 em per line.
+    sizes = np.array([[(0.6 * fontsize * len(t) + 2 * pad) * px, (1.2 * fontsize + 2 * pad) * px]
+                      for t in texts]).reshape(-1, 2)
+    a = ax.bbox
+    rects = label_positions(screen, sizes, bounds=(a.x0, top - a.y1, a.x1, top - a.y0))
+    back = to_screen.inverted()
+    # The label's top-left corner on the screen, back in data coordinates.
+    return back.transform(np.stack([rects[:, 0] + pad * px, top - rects[:, 1] - pad * px], axis=1))
 
 
 def draw_boxes(image, boxes, labels=None, ax=None, colours=None, linewidth=1.5, texts=None):
     """Draw xyxy ``boxes`` (anchors, proposals, ground truth) on ``image`` (None: use ``ax`` as is).
 
     labels: optional class per box, giving each class its own colour;
-    texts:  optional string per box, written at its top-left corner.
+    texts:  optional string per box, written by its box where it covers no earlier text
+            (``label_positions``: give the boxes in order of importance, e.g. by score).
     """
     from matplotlib.patches import Rectangle
 
@@ -97,9 +163,12 @@ def draw_boxes(image, boxes, labels=None, ax=None, colours=None, linewidth=1.5, 
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         c = colours[i % len(colours)]
         ax.add_patch(Rectangle((x1, y1), x2 - x1, y2 - y1, fill=False, edgecolor=c, linewidth=linewidth))
-        if texts is not None:
-            ax.text(x1, y1, texts[i], fontsize=8, color="white", va="bottom",
-                    bbox=dict(facecolor=c, alpha=0.8, pad=1, edgecolor="none"))
+    if texts is not None and len(boxes):
+        fontsize, pad = 8, 1.0
+        anchors = _place_texts(ax, boxes, [str(t) for t in texts], fontsize, pad)
+        for i, (x, y) in enumerate(anchors):
+            ax.text(x, y, texts[i], fontsize=fontsize, color="white", ha="left", va="top", clip_on=True,
+                    bbox=dict(facecolor=colours[i % len(colours)], alpha=0.8, pad=pad, edgecolor="none"))
     return ax
 
 
@@ -186,4 +255,4 @@ def new_figure(width=6.0, height=6.0):
 
 
 __all__ = ["draw_detections", "draw_keypoints", "draw_boxes", "show_masks", "show_image", "plot_losses",
-           "colors", "new_figure"]
+           "colors", "new_figure", "display_scale", "label_positions"]

@@ -88,19 +88,36 @@ class Predictor:
         return self.class_names[label - 1] if 1 <= label <= len(self.class_names) else str(label)
 
 
-def save_drawing(image, pred, class_names, path, skeleton=()):
-    """Draw ``pred`` on ``image`` (``viz.draw_detections``) and save it as a PNG at the image's
-    own resolution."""
-    from ..viz import draw_detections, new_figure
+def save_drawing(image, pred, class_names, path, skeleton=(), min_long_side=512):
+    """Draw ``pred`` on ``image`` (``viz.draw_detections``) and save it as a PNG.
+
+    A small image is drawn enlarged by a whole factor (``viz.display_scale``) until its longer
+    side is at least ``min_long_side`` pixels, each pixel a block of one colour (nearest
+    neighbour), so that the labels, drawn at a readable size, cover little of the objects; a
+    large image is drawn at its own resolution."""
+    from ..viz import display_scale, draw_detections, new_figure
 
     h, w = image.shape[:2]
     dpi = 100
-    fig = new_figure(w / dpi, h / dpi)
+    scale = display_scale(h, w, min_long_side)
+    fig = new_figure(w * scale / dpi, h * scale / dpi)
     ax = fig.add_axes([0, 0, 1, 1])  # the whole figure: no margins around the picture
     draw_detections(image, pred["boxes"], pred["labels"], pred["scores"], pred.get("masks"),
                     class_names=class_names, ax=ax, keypoints=pred.get("keypoints"), skeleton=skeleton)
     fig.savefig(path, dpi=dpi)
     return path
+
+
+def output_name(path, used):
+    """The stem of ``path`` for the files written about it, made unique among ``used`` (two
+    images of the same name from different folders get ``name`` and ``name_2``); added to it."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    name, n = stem, 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}"
+    used.add(name)
+    return name
 
 
 def predict_files(predictor, paths, out_dir, log=print):
@@ -117,12 +134,7 @@ def predict_files(predictor, paths, out_dir, log=print):
     for path in paths:
         image = load_image(path)
         pred = predictor(image)
-        stem = os.path.splitext(os.path.basename(path))[0]
-        name, n = stem, 1
-        while name in used:  # two files of the same name from different folders
-            n += 1
-            name = f"{stem}_{n}"
-        used.add(name)
+        name = output_name(path, used)
         drawing = save_drawing(image, pred, predictor.class_names, os.path.join(out_dir, name + ".png"),
                                skeleton=getattr(predictor, "skeleton", ()))
         masks = pred.get("masks")
@@ -146,4 +158,4 @@ def predict_files(predictor, paths, out_dir, log=print):
     return results
 
 
-__all__ = ["Predictor", "predict_files", "load_image", "save_drawing"]
+__all__ = ["Predictor", "predict_files", "load_image", "save_drawing", "output_name"]
