@@ -1,4 +1,4 @@
-"""The ``minimask`` command: data, train, eval, predict, bench.
+"""The ``minimask`` command: data, train, eval, predict, inspect, bench.
 
 Each sub-command is a small function here that parses its flags and calls the package;
 ``minimask CMD --help`` lists the flags of each.
@@ -7,6 +7,7 @@ Each sub-command is a small function here that parses its flags and calls the pa
     minimask train --config shapes --iters 300 --out runs/shapes        (makes data/shapes if missing)
     minimask eval --checkpoint runs/shapes/model_0000300.npz --ann data/shapes/val.json
     minimask predict --checkpoint runs/shapes/model_0000300.npz data/shapes/images/val_000000.png
+    minimask inspect --checkpoint runs/shapes/model_0000300.npz data/shapes/images/val_00000*.png
 
 Mistakes in the flags (an unknown preset, a bad ``--set``) end with exit code 2 and a message
 naming the valid choices; mistakes found while running (a missing file, a malformed JSON, a
@@ -129,6 +130,18 @@ def _predict(args, parser):
                                               score_thresh=args.score_thresh)
     predict_files(predictor, args.images, args.out)
     print(f"wrote {len(args.images)} drawings and {args.out}/detections.json")
+
+
+def _inspect(args, parser):
+    from .engine import Predictor
+    from .engine.inspect import inspect_files
+
+    missing = [p for p in args.images if not os.path.isfile(p)]
+    if missing:  # before loading the model: a typo should fail at once
+        raise FileNotFoundError(f"image file not found: {', '.join(missing)}")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, score_thresh=args.score_thresh)
+    inspect_files(predictor, args.images, args.out, ann=args.ann, top_anchors=args.top_anchors)
+    print(f"wrote {len(args.images)} sheets, their summaries and {args.out}/inspect.json")
 
 
 def _bench(args, parser=None):
@@ -290,6 +303,22 @@ def build_parser():
     r.add_argument("--score-thresh", type=_score, default=0.5, help="keep detections scoring at least this")
     r.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
     r.set_defaults(func=_predict, parser=r)
+
+    n = sub.add_parser("inspect", help="one PNG sheet per image of every stage of a trained model",
+                       description="Run a checkpoint on image files stage by stage and draw, per image, "
+                                   "one sheet: the input, each FPN level, the top anchors (and with --ann "
+                                   "each object's positive anchors), the proposals, the RoIs by pooling "
+                                   "level, the detections and every class's mask probabilities; plus a "
+                                   "text summary of the counts and times of each stage.")
+    n.add_argument("--checkpoint", required=True, help="a model_*.npz written by train")
+    n.add_argument("images", nargs="+", metavar="IMAGE", help="image files (PNG, JPEG, ...)")
+    n.add_argument("--ann", help="a COCO annotation JSON holding these images (matched by file name): "
+                                 "adds each object's positive anchors")
+    n.add_argument("--out", default="inspect", help="output folder (default: inspect/)")
+    n.add_argument("--score-thresh", type=_score, default=0.5, help="draw detections scoring at least this")
+    n.add_argument("--top-anchors", type=_positive_int, default=50, help="anchors drawn by objectness")
+    n.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
+    n.set_defaults(func=_inspect, parser=n)
 
     c = sub.add_parser("convert-weights", help="torchvision Mask R-CNN weights (.pth) -> minimask .npz",
                        description="Read torchvision's maskrcnn_resnet50_fpn weights (the published COCO "

@@ -129,7 +129,7 @@ def test_train_predict_eval_end_to_end(shapes, tmp_path, monkeypatch, capsys):
     out = tmp_path / "pred"
     assert main(["predict", "--checkpoint", str(run / "model_0000006.npz"), image, "--out", str(out)]) == 0
     drawing = Image.open(out / "val_000000.png")
-    assert drawing.size == (64, 64)  # drawn at the image's own resolution
+    assert drawing.size == (512, 512)  # a 64 px image drawn 8x larger (at least 512 px, whole pixels)
     (result,) = json.loads((out / "detections.json").read_text())
     # The square scored 0.3 < 0.5 is dropped; the names come from the data set.
     assert [(d["class"], d["score"]) for d in result["detections"]] == [("circle", pytest.approx(0.9))]
@@ -172,6 +172,12 @@ def test_drawing_shows_masks_in_colour_and_leaves_the_rest(tmp_path):
             "labels": np.array([2]), "masks": masks}
     path = save_drawing(image, pred, ("circle", "triangle"), str(tmp_path / "d.png"))
     drawn = np.asarray(Image.open(path).convert("RGB")).astype(int)
-    assert drawn.shape == (48, 64, 3)
-    assert drawn[20, 26].sum() > 60      # inside the mask: tinted
-    assert drawn[40, 55].sum() == 0      # far from everything: still black
+    s = 8  # enlarged by a whole factor until the longer side is at least 512 px: 64 -> 512
+    assert drawn.shape == (48 * s, 64 * s, 3)
+    assert drawn[20 * s + 4, 26 * s + 4].sum() > 60      # inside the mask: tinted
+    assert drawn[40 * s + 4, 55 * s + 4].sum() == 0      # far from everything: still black
+    # Nearest neighbour: the pixels on either side of the mask's left edge are s x s blocks of one
+    # colour each (a smoothing filter would blend them into a ramp).
+    outside, inside = drawn[20 * s:21 * s, 11 * s:12 * s], drawn[20 * s:21 * s, 13 * s:14 * s]
+    assert (outside == outside[0, 0]).all() and (inside == inside[0, 0]).all()
+    assert outside[0, 0].sum() == 0 and inside[0, 0].sum() > 60
