@@ -67,6 +67,9 @@ class MaskRCNNConfig:
     mask_threshold: float = 0.5          # Sec. 3.1: "binarized at a threshold of 0.5"
     sampling_ratio: int = 2              # RoIAlign samples per bin side (Detectron2: 0 = adaptive)
     aligned: bool = False                # torchvision: False; Detectron2 ROIAlignV2: True
+    canonical_box_size: int = 224        # FPN Eq. 1: a box of this side sqrt(w h) is pooled from
+    canonical_level: int = 4             # this level (P4); half as wide one level finer (poolers.py)
+    mask_predictor_init: str = "kaiming"  # mask logits: "kaiming" (torchvision), "normal_0.001" (Detectron2)
     # Three more places where torchvision's released model and Detectron2 differ (interop.py):
     frozen_bn_eps: float = 1e-5          # FrozenBatchNorm2d eps (both 1e-5; torchvision <= 0.5: 0)
     resize_rounding: str = "round"       # resized side: "round" (Detectron2) or "floor" (torchvision)
@@ -117,6 +120,7 @@ CHOICES = {
     "depth": (18, 34, 50, 101),
     "norm": ("frozen_bn", "bn"),
     "pooler_type": ("roialign", "roipool", "roiwarp"),
+    "mask_predictor_init": ("kaiming", "normal_0.001"),  # mask_head.MaskPredictor cites both
     "mask_loss": ("sigmoid", "softmax"),
     "mask_head_type": ("fcn", "mlp"),
     "resize_rounding": ("round", "floor"),
@@ -204,6 +208,8 @@ def check(cfg):
                          f"one class (>= 2)")
     if not 0 <= cfg.freeze_at <= 5:
         raise ValueError(f"config: freeze_at={cfg.freeze_at} must be in 0..5")
+    if not cfg.canonical_box_size > 0:
+        raise ValueError(f"config: canonical_box_size={cfg.canonical_box_size!r} must be positive (pixels)")
     if not isinstance(cfg.anchor_sizes, (tuple, list)) or len(cfg.anchor_sizes) != 5:
         raise ValueError(f"config: anchor_sizes needs one entry per level P2..P6, "
                          f"got {len(cfg.anchor_sizes)}")

@@ -66,15 +66,39 @@ class MaskHead(nn.Module):
         return x
 
 
-class MaskPredictor(nn.Module):
-    """Upsample 2x with a transposed convolution, then one 1x1 conv of logits per channel."""
+MASK_PREDICTOR_INITS = ("kaiming", "normal_0.001")
 
-    def __init__(self, in_channels, dim, num_channels):
+
+class MaskPredictor(nn.Module):
+    """Upsample 2x with a transposed convolution, then one 1x1 conv of logits per channel.
+
+    ``init`` (``cfg.mask_predictor_init``) is how the 1x1 logits layer starts; the two reference
+    implementations differ here (the deconvolution is He-initialised in both):
+
+    - ``"kaiming"``: He normal, fan_out, ReLU gain, zero bias, as torchvision's
+      ``MaskRCNNPredictor`` (torchvision/models/detection/mask_rcnn.py initialises every weight
+      of the predictor with ``kaiming_normal_(mode="fan_out", nonlinearity="relu")``).  The
+      logits start spread out, so the mask loss starts well above ln 2;
+    - ``"normal_0.001"``: normal with std 0.001, zero bias, as Detectron2's
+      ``MaskRCNNConvUpsampleHead`` (detectron2/modeling/roi_heads/mask_head.py: "use normal
+      distribution initialization for mask prediction layer").  Every pixel then starts near
+      p = 0.5 and the loss at ln 2, as the box classifier starts (``box_head.py``).
+
+    The MLP head of Table 2e (``MaskMLPPredictor``) always starts its logits at std 0.001.
+    """
+
+    def __init__(self, in_channels, dim, num_channels, init="kaiming"):
         super().__init__()
+        if init not in MASK_PREDICTOR_INITS:
+            raise ValueError(f"mask predictor init {init!r} is not one of {list(MASK_PREDICTOR_INITS)}")
         self.conv5_mask = nn.ConvTranspose2d(in_channels, dim, 2, stride=2)
         self.mask_fcn_logits = nn.Conv2d(dim, num_channels, 1)
         _kaiming(self.conv5_mask)
-        _kaiming(self.mask_fcn_logits)
+        if init == "kaiming":
+            _kaiming(self.mask_fcn_logits)
+        else:
+            nn.init.normal_(self.mask_fcn_logits.weight, std=0.001)
+            nn.init.constant_(self.mask_fcn_logits.bias, 0.0)
 
     def forward(self, x):
         return self.mask_fcn_logits(F.relu(self.conv5_mask(x)))

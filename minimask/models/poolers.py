@@ -88,6 +88,11 @@ class MultiScaleRoIAlign:
     ``strides`` (here or in the constructor).  The output rows follow the boxes, image by image,
     and gradients flow back to the features (the boxes are constants).
 
+    canonical_box_size, canonical_level: FPN Eq. 1's 224 and k0 = 4 (``cfg.canonical_box_size``,
+    ``cfg.canonical_level``).  224 is ImageNet's image size, right for COCO's 800-pixel images;
+    on images of 128 pixels every RoI is smaller than 112 and lands on the finest level, so a
+    canonical size scaled with the images (e.g. 224 x 128 / 800, about 36) spreads them out again.
+
     pooler_type selects the paper's Table 2c ablation:
       "roialign": bilinear samples at exact (unquantized) positions: RoIAlign, the paper's choice.
       "roipool":  Fast R-CNN's RoIPool: box and bins quantized to the grid, max in each bin.
@@ -102,6 +107,8 @@ class MultiScaleRoIAlign:
                  canonical_box_size=224, canonical_level=4, strides=None):
         if pooler_type not in POOLER_TYPES:
             raise ValueError(f"unknown pooler_type {pooler_type!r}: expected one of {POOLER_TYPES}")
+        if not canonical_box_size > 0:
+            raise ValueError(f"canonical_box_size must be positive (pixels), got {canonical_box_size!r}")
         self.output_size = (output_size, output_size) if isinstance(output_size, int) else tuple(output_size)
         self.sampling_ratio = sampling_ratio
         self.aligned = aligned
@@ -112,7 +119,8 @@ class MultiScaleRoIAlign:
 
     def __repr__(self):
         return (f"MultiScaleRoIAlign(output_size={self.output_size}, sampling_ratio={self.sampling_ratio}, "
-                f"aligned={self.aligned}, pooler_type={self.pooler_type!r})")
+                f"aligned={self.aligned}, pooler_type={self.pooler_type!r}, "
+                f"canonical_box_size={self.canonical_box_size}, canonical_level={self.canonical_level})")
 
     def _levels(self, strides):
         """min and max pyramid level from the strides, which must be 2**k, 2**(k+1), ..."""
@@ -187,3 +195,12 @@ class MultiScaleRoIAlign:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return F.concat(outputs, axis=0)[xp.asarray(inverse)]
+
+
+def pooler_settings(cfg):
+    """The ``MultiScaleRoIAlign`` arguments a config sets (every pooler of the RoI heads uses
+    them): sampling ratio, alignment, the Table 2c pooler type and FPN Eq. 1's canonical size and
+    level."""
+    return dict(sampling_ratio=cfg.sampling_ratio, aligned=cfg.aligned, pooler_type=cfg.pooler_type,
+                canonical_box_size=cfg.canonical_box_size, canonical_level=cfg.canonical_level)
+
