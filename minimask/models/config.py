@@ -65,6 +65,7 @@ class MaskRCNNConfig:
     mask_head_dim: int = 256
     mask_head_convs: int = 4             # four 3x3 convs (Fig. 4, right)
     mask_threshold: float = 0.5          # Sec. 3.1: "binarized at a threshold of 0.5"
+    mask_target_binarize: bool = True    # mask targets >= 0.5 (Detectron2); False: soft (torchvision)
     sampling_ratio: int = 2              # RoIAlign samples per bin side (Detectron2: 0 = adaptive)
     aligned: bool = False                # torchvision: False; Detectron2 ROIAlignV2: True
     canonical_box_size: int = 224        # FPN Eq. 1: a box of this side sqrt(w h) is pooled from
@@ -111,6 +112,7 @@ class MaskRCNNConfig:
     eval_period: int = 0                 # 0: only at the end
     keep_checkpoints: int = 3
     skip_bad_images: bool = False        # leave out unreadable image files (counted) instead of stopping
+    backbone_weights: str = ""           # ImageNet ResNet .npz (convert-weights --backbone), fresh runs
 
     def __post_init__(self):
         check(self)
@@ -281,11 +283,12 @@ def _r50_fpn():
 def _torchvision_r50_fpn():
     """torchvision's maskrcnn_resnet50_fpn, setting for setting, to run its COCO weights
     (``minimask convert-weights``): labels are COCO category ids (91 outputs), sides resized by
-    flooring, masks pasted as torchvision pastes them; the rest are already the defaults.  The
+    flooring, masks pasted as torchvision pastes them, trained on soft mask targets (the RoIAlign
+    crop of the gt mask as it is, not binarized); the rest are already the defaults.  The
     names of the 91 outputs are not the preset's business: the converter writes them into the
     checkpoint it makes (``interop.convert_weights``)."""
     return MaskRCNNConfig(frozen_bn_eps=1e-5, resize_rounding="floor", paste_mode="torchvision",
-                          labels_are_coco_ids=True)
+                          labels_are_coco_ids=True, mask_target_binarize=False)
 
 
 def _figures():

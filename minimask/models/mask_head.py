@@ -134,36 +134,39 @@ class MaskMLPPredictor(nn.Module):
         return self.mask_fc_logits(x).reshape(x.shape[0], self.num_channels, m, m)
 
 
-def project_masks_on_boxes(gt_masks, boxes, matched_idxs, resolution, aligned=False, dtype=None):
+def project_masks_on_boxes(gt_masks, boxes, matched_idxs, resolution, aligned=False, dtype=None,
+                           binarize=True):
     """Mask targets: each box's ground-truth mask cropped to the box and resized to m x m.
 
     gt_masks (N, H, W) 0/1 masks of one image; boxes (P, 4) the RoIs (proposals, not the gt
     boxes: the target is what the RoI sees); matched_idxs (P,) the gt of each RoI.  Returns
-    (P, m, m) bool.
+    (P, m, m): bool with ``binarize``, else the soft values in [0, 1] in ``dtype`` (default the
+    boxes').
 
     The crop-and-resize is RoIAlign on the mask as a one-channel float image, as in torchvision
     (``roi_align(gt_masks[:, None], rois, (M, M), 1.0)``: spatial scale 1, adaptive sampling,
-    i.e. about one sample per mask pixel) and Detectron2 (``BitMasks.crop_and_resize``).  We
-    follow Detectron2 in binarizing the result at 0.5, so a target pixel is "inside" when at
-    least half of what the RoI sees there is mask (torchvision keeps the soft values).  Aligned
-    follows the features' pooler: torchvision's False by default, Detectron2's True with it.
+    i.e. about one sample per mask pixel) and Detectron2 (``BitMasks.crop_and_resize``).  By
+    default we follow Detectron2 in binarizing the result at 0.5, so a target pixel is "inside"
+    when at least half of what the RoI sees there is mask; ``binarize=False`` keeps the soft
+    values, as torchvision trains on them (``cfg.mask_target_binarize``).  Aligned follows the
+    features' pooler: torchvision's False by default, Detectron2's True with it.
     """
     xp = get_array_module(boxes)
     dtype = dtype or boxes.dtype
     if len(boxes) == 0:
-        return xp.zeros((0, resolution, resolution), dtype=bool)
+        return xp.zeros((0, resolution, resolution), dtype=bool if binarize else dtype)
     # Only the masks some RoI is matched to are converted to float (an image may hold many).
     used, inverse = xp.unique(matched_idxs, return_inverse=True)
     masks = gt_masks[used].astype(dtype)[:, None]  # (U, 1, H, W)
     rois = xp.concatenate([inverse.reshape(-1, 1).astype(dtype), boxes.astype(dtype)], axis=1)
     crops = F.roi_align(Tensor(masks), rois, resolution, spatial_scale=1.0, sampling_ratio=0,
                         aligned=aligned).data[:, 0]
-    return crops >= 0.5
+    return crops >= 0.5 if binarize else crops
 
 
 def mask_loss(mask_logits, mask_targets, labels, loss_type="sigmoid", class_agnostic=False):
     """L_mask over the positive RoIs (Sec. 3): mask_logits (P, C, m, m) Tensor; mask_targets
-    (P, m, m) bool; labels (P,) the gt classes (1..K).
+    (P, m, m) bool, or soft values in [0, 1] for the sigmoid loss; labels (P,) the gt classes (1..K).
 
     sigmoid: binary cross-entropy on the channel of the gt class only (channel 0 if agnostic),
              averaged over the P m^2 pixels.  The other channels get no gradient at all.
@@ -177,6 +180,8 @@ def mask_loss(mask_logits, mask_targets, labels, loss_type="sigmoid", class_agno
                          f"for mask logits of shape {tuple(mask_logits.shape)}")
     fg = xp.ones_like(labels) if class_agnostic else labels
     if loss_type == "softmax":
+        if mask_targets.dtype != bool:
+            raise ValueError("the softmax mask loss needs binary mask targets (mask_target_binarize=True)")
         target = xp.where(mask_targets, fg[:, None, None], 0).astype(xp.int64).reshape(-1)
         per_pixel = mask_logits.transpose(0, 2, 3, 1).reshape(-1, channels)  # (P m m, C)
         return F.cross_entropy(per_pixel, target)

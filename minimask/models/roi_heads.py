@@ -226,7 +226,8 @@ class RoIHeads(nn.Module):
             boxes.append(s["boxes"][pos])
             labels.append(s["labels"][pos])
             mask_targets.append(project_masks_on_boxes(t["masks"], s["boxes"][pos], s["matched_idxs"][pos],
-                                                       self.mask_resolution, aligned=cfg.aligned))
+                                                       self.mask_resolution, aligned=cfg.aligned,
+                                                       binarize=cfg.mask_target_binarize))
         logits = self.mask_predictor(self.mask_head(self.mask_roi_pool(features, boxes)))
         return mask_loss(logits, xp.concatenate(mask_targets), xp.concatenate(labels),
                          cfg.mask_loss, cfg.class_agnostic_masks)
