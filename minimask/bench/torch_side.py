@@ -1,9 +1,11 @@
 """The PyTorch side of ``minimask bench gpu``: torch and torchvision doing the same work.
 
-This is the one place in minimask's benchmarks that builds torchvision's Mask R-CNN, and only
-to time it: torch and torchvision are imported inside ``load`` and nothing else in the package
-imports this file, so ``import minimask`` never pulls torch in, and a machine without torch
-just gets minimask's numbers.  (The model code never uses torch; see DESIGN.md.)
+This is the one place in minimask that builds torchvision's Mask R-CNN, to time it beside
+ours and, in the tests, to check that training computes the same losses and gradients
+(``build_mirror``: torchvision's model built to any minimask config; ``copy_weights``).  The
+torch and torchvision modules are passed in (``load`` imports them) and nothing else in the
+package imports this file, so ``import minimask`` never pulls torch in, and a machine without
+torch just gets minimask's numbers.  (The model code never uses torch; see DESIGN.md.)
 
 Like with like:
 - torchvision's ``maskrcnn_resnet50_fpn`` as it is built with pretrained weights (frozen batch
@@ -157,7 +159,7 @@ def _mirror_body(torch, torchvision, cfg):
     return body, [w * 2 ** i * block.expansion for i in range(4)]
 
 
-def _aligned_pooler(torch, torchvision, output_size, sampling_ratio):
+def _aligned_pooler(torch, torchvision, output_size, sampling_ratio, **canonical):
     """MultiScaleRoIAlign with ``aligned=True`` (Detectron2's ROIAlignV2): torchvision's pooler
     always calls roi_align with aligned=False; this one is the same code with the flag set."""
     from torchvision.ops import MultiScaleRoIAlign, poolers, roi_align
@@ -177,7 +179,7 @@ def _aligned_pooler(torch, torchvision, output_size, sampling_ratio):
                                      aligned=True).to(out.dtype)
             return out
 
-    return AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size, sampling_ratio)
+    return AlignedMultiScaleRoIAlign(["0", "1", "2", "3"], output_size, sampling_ratio, **canonical)
 
 
 def _mirror_roi_heads(torch, roi_heads, aligned, binarize):
@@ -245,10 +247,12 @@ def build_mirror(torch, torchvision, cfg):
     backbone = BackboneWithFPN(body, {f"layer{i}": str(i - 1) for i in range(1, 5)}, in_channels, out,
                                extra_blocks=LastLevelMaxPool())
 
+    canonical = dict(canonical_scale=cfg.canonical_box_size, canonical_level=cfg.canonical_level)  # FPN Eq. 1
+
     def pooler(size):
         if cfg.aligned:
-            return _aligned_pooler(torch, torchvision, size, cfg.sampling_ratio)
-        return MultiScaleRoIAlign(["0", "1", "2", "3"], size, cfg.sampling_ratio)
+            return _aligned_pooler(torch, torchvision, size, cfg.sampling_ratio, **canonical)
+        return MultiScaleRoIAlign(["0", "1", "2", "3"], size, cfg.sampling_ratio, **canonical)
 
     anchors = AnchorGenerator(tuple(tuple(s) for s in cfg.anchor_sizes), (tuple(cfg.aspect_ratios),) * 5)
     num_anchors = len(cfg.aspect_ratios) * len(cfg.anchor_sizes[0])
@@ -278,7 +282,7 @@ def build_mirror(torch, torchvision, cfg):
     )
     # The RPN drops proposals smaller than this (torchvision's RegionProposalNetwork.min_size).
     model.rpn.min_size = cfg.rpn_min_size
-    _mirror_roi_heads(torch, model.roi_heads, cfg.aligned, getattr(cfg, "mask_target_binarize", False))
+    _mirror_roi_heads(torch, model.roi_heads, cfg.aligned, cfg.mask_target_binarize)
     return model
 
 
