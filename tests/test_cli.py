@@ -181,3 +181,39 @@ def test_drawing_shows_masks_in_colour_and_leaves_the_rest(tmp_path):
     outside, inside = drawn[20 * s:21 * s, 11 * s:12 * s], drawn[20 * s:21 * s, 13 * s:14 * s]
     assert (outside == outside[0, 0]).all() and (inside == inside[0, 0]).all()
     assert outside[0, 0].sum() == 0 and inside[0, 0].sum() > 60
+
+
+def test_an_interrupted_training_prints_the_command_that_resumes_it(monkeypatch, capsys):
+    import signal
+
+    import minimask.engine.trainer as trainer
+
+    def stopped(*args, **kw):
+        raise trainer.TrainingInterrupted(signal.SIGTERM, 5, "my runs/model_0000005.npz")
+
+    monkeypatch.setattr(trainer, "train", stopped)
+    argv = ["train", "--train-ann", "a.json", "--out", "my runs", "--set", "lr=0.01"]
+    assert main(argv) == 143
+    err = capsys.readouterr().err
+    assert err == ("minimask train: SIGTERM: stopped after iteration 5; checkpoint my runs/model_0000005.npz;"
+                   " resume with: minimask train --train-ann a.json --out 'my runs' --set lr=0.01 --resume\n")
+
+
+def test_ctrl_c_outside_the_training_loop_is_one_line_and_130(shapes, tmp_path, monkeypatch, capsys):
+    import minimask.engine as engine
+
+    def pressed(*args, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(models, "build_model", pressed)
+    argv = ["train", "--train-ann", shapes[0], "--out", str(tmp_path / "run"), "--set", "batch_size=2"]
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("minimask train: interrupted; no checkpoint was written; "
+                          "resume with: minimask train ")
+    assert "Traceback" not in err
+    monkeypatch.setattr(engine, "evaluate", pressed)
+    loaded = classmethod(lambda cls, *a, **k: cls(FakeModel(None)))
+    monkeypatch.setattr(engine.Predictor, "from_checkpoint", loaded)
+    assert main(["eval", "--checkpoint", "c.npz", "--ann", shapes[1]]) == 130
+    assert capsys.readouterr().err == "minimask eval: interrupted\n"
