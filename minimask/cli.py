@@ -70,6 +70,8 @@ def _train(args, parser):
         cfg = override(cfg, args.set)
         if args.iters is not None:
             cfg = dataclasses.replace(cfg, iters=args.iters)
+        if args.backbone_weights is not None:
+            cfg = dataclasses.replace(cfg, backbone_weights=args.backbone_weights)
     except ValueError as e:
         parser.error(str(e))
     train_ann, train_images = args.train_ann, args.train_images
@@ -99,6 +101,10 @@ def _eval(args, parser):
     # every file at once, before the model is loaded
     dataset.check_images(hint="\nfix them, or remove them and their entries from the JSON")
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    if getattr(getattr(predictor.model, "cfg", None), "mask_on", False) and not dataset.has_masks \
+            and any(dataset.anns.values()):  # COCOeval's mask AP would fail on them at the very end
+        raise ValueError(f"{dataset.ann_file}: no annotation has a segmentation, so the mask AP of this "
+                         f"mask model cannot be computed on it")
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)),
                                    "eval_" + os.path.splitext(os.path.basename(args.checkpoint))[0])
     metrics = evaluate(predictor.model, dataset, out_dir=out, batch_size=args.batch_size, progress=True)
@@ -189,12 +195,17 @@ def _data_subset(args, parser=None):
 
 
 def _convert_weights(args, parser=None):
-    from .interop import convert_weights
+    from .interop import convert_backbone, convert_weights
 
     try:
-        summary = convert_weights(args.pth, args.out)
+        summary = (convert_backbone if args.backbone else convert_weights)(args.pth, args.out)
     except ImportError as e:  # no torch to read the .pth: a one-line message, not a traceback
         raise RuntimeError(str(e)) from None
+    if args.backbone:
+        print(f"wrote {summary['path']}: ImageNet ResNet-{summary['depth']} (width {summary['width']}), "
+              f"{summary['tensors']} tensors; dropped {', '.join(summary['dropped']) or 'nothing'}")
+        print(f"train from it: minimask train --config r50_fpn --backbone-weights {summary['path']} ...")
+        return
     print(f"wrote {summary['path']}: {summary['tensors']} tensors, all in place ({summary['renamed']} "
           f"renamed from torchvision's current names)")
     print(f"run it: minimask predict --weights {summary['path']} IMAGE")
@@ -283,6 +294,9 @@ def build_parser():
     t.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config field, e.g. --set lr=0.01 (repeatable)")
+    t.add_argument("--backbone-weights", metavar="BACKBONE.npz",
+                   help="start the ResNet from ImageNet weights (convert-weights --backbone); fresh runs "
+                        "only, a resumed run keeps its checkpoint's (config field backbone_weights)")
     t.set_defaults(func=_train, parser=t)
 
     e = sub.add_parser("eval", help="COCO AP of a checkpoint on an annotated data set")
@@ -324,7 +338,11 @@ def build_parser():
                        description="Read torchvision's maskrcnn_resnet50_fpn weights (the published COCO "
                                    "checkpoint or any state_dict() of that model; needs torch to read), "
                                    "check that every tensor finds its place in the torchvision_r50_fpn "
-                                   "preset, and write a minimask checkpoint for predict and eval.")
+                                   "preset, and write a minimask checkpoint for predict and eval. With "
+                                   "--backbone: an ImageNet classification ResNet-18/34/50/101 instead "
+                                   "(fc dropped), for train --backbone-weights.")
+    c.add_argument("--backbone", action="store_true",
+                   help="MODEL.pth is torchvision's ImageNet ResNet (e.g. resnet50-0676ba61.pth)")
     c.add_argument("pth", metavar="MODEL.pth", help="e.g. maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth")
     c.add_argument("out", metavar="OUT.npz", help="where to write the minimask checkpoint")
     c.set_defaults(func=_convert_weights, parser=c)

@@ -17,6 +17,14 @@ renaming of a few keys only.  Two naming schemes exist:
   blocks: ``rpn.head.conv.0.0.weight``, ``roi_heads.mask_head.0.0.weight``,
   ``backbone.fpn.inner_blocks.0.0.weight``.  They are renamed to the first scheme.
 
+ImageNet backbones (the paper's models start from an ImageNet-pretrained ResNet, Sec. 3.1):
+``convert_backbone`` turns torchvision's classification ResNet-18/34/50/101 ``state_dict``
+(``resnet50-0676ba61.pth`` and the like) into a backbone ``.npz`` (the ``fc`` classifier
+dropped), and ``load_backbone_weights`` puts it into a model's ResNet body before training:
+
+    minimask convert-weights --backbone resnet50-0676ba61.pth resnet50_imagenet.npz
+    minimask train --config r50_fpn --backbone-weights resnet50_imagenet.npz ...
+
 ``torch`` is needed only to unpickle the ``.pth``; the ``.npz`` written here, and everything
 after it, needs NumPy alone.
 
@@ -26,6 +34,7 @@ after it, needs NumPy alone.
         --images val2017
 """
 
+import json
 import os
 import re
 from collections import OrderedDict
@@ -205,6 +214,9 @@ def load_weights_file(path, config=None):
         arrays = load_npz(path)
     except Exception as e:
         raise ValueError(f"{path}: not a readable .npz weights file ({type(e).__name__}: {e})") from None
+    if BACKBONE_META in arrays:
+        raise ValueError(f"{path}: an ImageNet backbone (convert-weights --backbone), for "
+                         "train --backbone-weights; it holds no detector")
     if "meta" in arrays:
         ckpt = load_checkpoint(path)
         state, origin = ckpt["model"], None
@@ -215,5 +227,137 @@ def load_weights_file(path, config=None):
     return load_weights(MaskRCNN(config), state, origin, source=path)
 
 
+# ---------------------------------------------------------------- ImageNet backbones
+
+# The ResNet body is ``backbone.body`` in every minimask model (and in torchvision's detectors).
+BACKBONE_PREFIX = "backbone.body."
+BACKBONE_META = "backbone_meta"  # the 0-d JSON string of a converted backbone file
+_COUNTERS = "num_batches_tracked"  # BatchNorm2d's update counter: no weights, never transferred
+
+
+def resnet_architecture(state, source="state dict"):
+    """``(depth, width)`` of a ResNet state dict in torchvision's names (``conv1.weight``,
+    ``layer1.0.conv1.weight`` ...): blocks per stage and the block type (a ``conv3`` means a
+    bottleneck) give the depth, the stem's output channels the width (64 for ImageNet's)."""
+    from .models.resnet import DEPTHS
+
+    if "conv1.weight" not in state:
+        raise ValueError(f"{source}: not a torchvision ResNet state dict (no conv1.weight; keys start "
+                         f"{', '.join(list(state)[:3])})")
+    blocks = []
+    for stage in range(1, 5):
+        found = {int(m.group(1)) for k in state if (m := re.match(rf"layer{stage}\.(\d+)\.", k))}
+        blocks.append(len(found))
+    bottleneck = "layer1.0.conv3.weight" in state
+    for depth, counts in DEPTHS.items():
+        if tuple(blocks) == counts and bottleneck == (depth >= 50):
+            return depth, int(np.shape(state["conv1.weight"])[0])
+    kind = "bottleneck" if bottleneck else "basic"
+    raise ValueError(f"{source}: a ResNet with {blocks} {kind} blocks per stage, which is none of minimask's "
+                     f"depths {sorted(DEPTHS)}")
+
+
+def backbone_state(state, source="state dict"):
+    """An ImageNet classification ResNet's ``state_dict`` (torchvision's names) as the tensors of
+    minimask's ResNet body: the classifier ``fc`` and the norms' update counters dropped, float
+    tensors float32.  Returns ``(tensors, info)`` with ``info`` = depth, width, dropped names.
+
+    The batch norms need no arithmetic: minimask's FrozenBatchNorm2d computes
+    ``(x - running_mean) / sqrt(running_var + eps) * weight + bias`` from the same four tensors
+    that torchvision's BatchNorm2d holds, so the ImageNet running statistics become the frozen
+    statistics as they are (and a trainable ``norm="bn"`` body starts from them)."""
+    # A model saved from inside nn.DataParallel has every name prefixed by "module.".
+    state = {k[len("module."):] if k.startswith("module.") else k: v for k, v in state.items()}
+    depth, width = resnet_architecture(state, source)
+    tensors, dropped = OrderedDict(), []
+    for key, value in state.items():
+        if key.startswith("fc.") or key.endswith(_COUNTERS):
+            dropped.append(key)
+            continue
+        value = np.asarray(value)
+        tensors[key] = value.astype(np.float32) if value.dtype.kind == "f" else value
+    return tensors, {"depth": depth, "width": width, "dropped": dropped}
+
+
+def convert_backbone(pth_path, npz_path):
+    """torchvision's ImageNet ResNet-18/34/50/101 ``.pth`` -> a backbone ``.npz`` for
+    ``minimask train --backbone-weights`` (needs torch to read the ``.pth``; ``pth_path`` may
+    also be a state dict already in memory).  The file holds the body's tensors under
+    torchvision's names and a ``backbone_meta`` record (depth, width, source).  Returns a
+    summary dict."""
+    from .nn import save_npz
+
+    if isinstance(pth_path, dict):
+        source, state = "state dict", state_dict_to_numpy(pth_path)
+    else:
+        source = os.fspath(pth_path)
+        state = read_pth(source)
+    tensors, info = backbone_state(state, source)
+    meta = {"format": 1, "depth": info["depth"], "width": info["width"],
+            "converted_from": os.path.basename(source)}
+    save_npz(npz_path, {**tensors, BACKBONE_META: np.array(json.dumps(meta))})
+    return {"path": os.fspath(npz_path), "tensors": len(tensors), "depth": info["depth"],
+            "width": info["width"], "dropped": info["dropped"]}
+
+
+def read_backbone(path):
+    """``(tensors, meta)`` of a backbone ``.npz`` written by ``convert_backbone``."""
+    from .nn import load_npz
+
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"backbone weights file not found: {path}")
+    if path.endswith((".pth", ".pt")):
+        raise ValueError(f"{path}: a PyTorch file; convert it first: minimask convert-weights --backbone "
+                         f"{path} OUT.npz")
+    try:
+        arrays = dict(load_npz(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
+    if BACKBONE_META not in arrays:
+        what = "a minimask checkpoint" if "meta" in arrays else "not a converted backbone"
+        raise ValueError(f"{path}: {what} (no {BACKBONE_META}); make one with minimask convert-weights "
+                         f"--backbone RESNET.pth {path}")
+    meta = json.loads(str(arrays.pop(BACKBONE_META)))
+    return arrays, meta
+
+
+def load_backbone_weights(model, path):
+    """Load a backbone ``.npz`` (``convert_backbone``) into ``model``'s ResNet body (a model with
+    ``backbone.body``, or a ResNet itself).  Every tensor of the file must find its place, and
+    every tensor of the body be filled, with the same shape; else ValueError naming each one
+    (after a first line that compares depth and width when those differ).  Returns a summary."""
+    path = os.fspath(path)
+    state, meta = read_backbone(path)
+    body = model.backbone.body if hasattr(model, "backbone") else model
+    entries = {k: v for k, v in body.state_dict().items() if not k.endswith(_COUNTERS)}
+    cfg = getattr(model, "cfg", None)
+    if cfg is not None and (meta.get("depth"), meta.get("width")) != (cfg.depth, cfg.width):
+        depth, width = meta.get("depth"), meta.get("width")
+        raise ValueError(f"{path}: a ResNet-{depth} of width {width}, but the model's is a "
+                         f"ResNet-{cfg.depth} of width {cfg.width} "
+                         f"(use --set depth={depth} --set width={width})")
+    unused = [k for k in state if k not in entries]
+    missing = [k for k in entries if k not in state]
+    wrong = [f"{k}: file {tuple(np.shape(state[k]))}, model {tuple(entries[k].shape)}"
+             for k in state if k in entries and tuple(np.shape(state[k])) != tuple(entries[k].shape)]
+    problems = []
+    if unused:
+        problems.append(f"{len(unused)} tensors of the file found no place in the ResNet: "
+                        f"{', '.join(unused)}")
+    if missing:
+        problems.append(f"{len(missing)} ResNet tensors are missing from the file: "
+                        f"{', '.join(BACKBONE_PREFIX + k for k in missing)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors have the wrong shape: {'; '.join(wrong)}")
+    if problems:
+        raise ValueError(f"{path}: does not fit the model's backbone:\n  " + "\n  ".join(problems))
+    body.load_state_dict(state, strict=False)  # strict=False: the counters stay the model's own
+    return {"path": path, "tensors": len(state), "depth": meta.get("depth"), "width": meta.get("width"),
+            "converted_from": meta.get("converted_from")}
+
+
 __all__ = ["read_pth", "convert_state_dict", "state_dict_to_numpy", "check_weights", "load_weights",
-           "convert_weights", "load_weights_file", "minimask_name", "PRESET", "torchvision_config"]
+           "convert_weights", "load_weights_file", "minimask_name", "PRESET", "torchvision_config",
+           "resnet_architecture", "backbone_state", "convert_backbone", "read_backbone",
+           "load_backbone_weights", "BACKBONE_META", "BACKBONE_PREFIX"]

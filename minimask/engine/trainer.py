@@ -180,15 +180,25 @@ def open_run(cfg, out_dir, resume=False, log=print):
     return run
 
 
-def build_training(cfg, device, state=None, model_fn=None):
+def build_training(cfg, device, state=None, model_fn=None, log=print):
     """The model on ``device`` in training mode, its SGD optimizer (no weight decay on norms and
-    biases) and warm-up + multi-step schedule; restored from ``state`` when resuming."""
+    biases) and warm-up + multi-step schedule; restored from ``state`` when resuming.
+
+    A fresh run with ``cfg.backbone_weights`` starts its ResNet from that ImageNet backbone file
+    (``interop.load_backbone_weights``, which names any tensor that does not fit), as the paper
+    does (Sec. 3.1); a resumed run takes every weight from its checkpoint instead."""
     from ..models import build_model
     from ..nn import init
     from ..optim import SGD, WarmupMultiStepLR, param_groups_no_decay
 
     init.manual_seed(cfg.seed)  # everything random starts from cfg.seed: weights now, draws per iteration
     model = (model_fn or build_model)(cfg)
+    if state is None and cfg.backbone_weights:
+        from ..interop import load_backbone_weights
+
+        done = load_backbone_weights(model, cfg.backbone_weights)
+        log(f"backbone: ImageNet ResNet-{done['depth']} weights from {done['path']} "
+            f"({done['tensors']} tensors)")
     model.to(device)
     model.train()
     optimizer = SGD(param_groups_no_decay(model, cfg.weight_decay), lr=cfg.lr, momentum=cfg.momentum)
