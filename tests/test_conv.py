@@ -6,6 +6,7 @@ import pytest
 import minimask
 from minimask import Tensor, gradcheck
 from minimask.backend import to_device
+from minimask.functional import conv as conv_module
 from minimask.functional import conv2d, conv_transpose2d, max_pool2d
 from minimask.functional.conv import CHUNK_BYTES, Conv2dFn, col2im, im2col
 
@@ -87,6 +88,14 @@ def t64(rng, *shape):
     return Tensor(rng.standard_normal(shape), requires_grad=True)
 
 
+@pytest.fixture(params=["loops", "slices"])
+def columns(request, monkeypatch):
+    """Each CPU test of conv2d and conv_transpose2d runs with the Numba column loops (the default)
+    and with the slice copies (what the GPU runs)."""
+    monkeypatch.setattr(conv_module, "CPU_COLUMNS", request.param)
+    return request.param
+
+
 # ---- conv2d ---------------------------------------------------------------------------------
 CONV_CASES = [
     # x shape, w shape, stride, padding, dilation
@@ -102,7 +111,7 @@ CONV_CASES = [
 
 @pytest.mark.parametrize("method", ["im2col", "shift"])
 @pytest.mark.parametrize("xs, ws, stride, padding, dilation", CONV_CASES)
-def test_conv2d_matches_loop(rng, method, xs, ws, stride, padding, dilation):
+def test_conv2d_matches_loop(columns, rng, method, xs, ws, stride, padding, dilation):
     x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[0])
     y = Conv2dFn(stride, padding, dilation, method=method)(Tensor(x), Tensor(w), Tensor(b))
     expected = loop_conv2d(x, w, b, stride, padding, dilation)
@@ -111,19 +120,19 @@ def test_conv2d_matches_loop(rng, method, xs, ws, stride, padding, dilation):
 
 @pytest.mark.parametrize("method", ["im2col", "shift"])
 @pytest.mark.parametrize("xs, ws, stride, padding, dilation", CONV_CASES)
-def test_conv2d_gradcheck(rng, method, xs, ws, stride, padding, dilation):
+def test_conv2d_gradcheck(columns, rng, method, xs, ws, stride, padding, dilation):
     x, w, b = t64(rng, *xs), t64(rng, *ws), t64(rng, ws[0])
     assert gradcheck(lambda x, w, b: Conv2dFn(stride, padding, dilation, method=method)(x, w, b), [x, w, b])
 
 
-def test_conv2d_without_bias_gradcheck(rng):
+def test_conv2d_without_bias_gradcheck(columns, rng):
     x, w = t64(rng, 2, 3, 6, 5), t64(rng, 4, 3, 3, 3)
     assert gradcheck(lambda x, w: conv2d(x, w, stride=2, padding=1), [x, w])
 
 
 @pytest.mark.parametrize("budget", [1, 2000, 13000])  # bands of 1 row, of 2 rows; 2 images a chunk
 @pytest.mark.parametrize("stride", [1, 2])
-def test_conv2d_in_chunks(rng, monkeypatch, budget, stride):
+def test_conv2d_in_chunks(columns, rng, monkeypatch, budget, stride):
     """Columns built a chunk at a time (images or bands of rows) give the same conv and gradients."""
     monkeypatch.setitem(CHUNK_BYTES, "cpu", budget)
     x, w, b = t64(rng, 3, 2, 7, 6), t64(rng, 3, 2, 3, 3), t64(rng, 3)
@@ -132,6 +141,24 @@ def test_conv2d_in_chunks(rng, monkeypatch, budget, stride):
     assert gradcheck(lambda x, w, b: conv2d(x, w, b, stride=stride, padding=1), [x, w, b])
     xt, wt = t64(rng, 3, 2, 4, 5), t64(rng, 2, 3, 3, 3)
     assert gradcheck(lambda x, w: conv_transpose2d(x, w, stride=stride, padding=1), [xt, wt])
+
+
+@pytest.mark.parametrize("budget", [2000, 2 * 2**20])  # bands of rows; whole images
+def test_column_loops_and_slices_give_the_same_bits(rng, monkeypatch, budget):
+    """The Numba loops only copy and add in the slice copies' order: float32 results are identical."""
+    monkeypatch.setitem(CHUNK_BYTES, "cpu", budget)
+    x = rng.standard_normal((3, 8, 13, 11)).astype(np.float32)
+    w = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
+    gy = rng.standard_normal((3, 6, 7, 6)).astype(np.float32)
+    results = []
+    for mode in ("loops", "slices"):
+        monkeypatch.setattr(conv_module, "CPU_COLUMNS", mode)
+        xt, wt = Tensor(x, requires_grad=True), Tensor(w, requires_grad=True)
+        y = conv2d(xt, wt, stride=2, padding=1)
+        y.backward(gy)
+        results.append((y.data, xt.grad, wt.grad))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_conv2d_frozen_weight_gives_input_grad_only(rng):
@@ -193,7 +220,7 @@ TRANSPOSE_CASES = [
 
 
 @pytest.mark.parametrize("xs, ws, stride, padding", TRANSPOSE_CASES)
-def test_conv_transpose2d_matches_loop(rng, xs, ws, stride, padding):
+def test_conv_transpose2d_matches_loop(columns, rng, xs, ws, stride, padding):
     x, w, b = rng.standard_normal(xs), rng.standard_normal(ws), rng.standard_normal(ws[1])
     y = conv_transpose2d(Tensor(x), Tensor(w), Tensor(b), stride, padding)
     expected = loop_conv_transpose2d(x, w, b, stride, padding)
@@ -201,12 +228,12 @@ def test_conv_transpose2d_matches_loop(rng, xs, ws, stride, padding):
 
 
 @pytest.mark.parametrize("xs, ws, stride, padding", TRANSPOSE_CASES)
-def test_conv_transpose2d_gradcheck(rng, xs, ws, stride, padding):
+def test_conv_transpose2d_gradcheck(columns, rng, xs, ws, stride, padding):
     x, w, b = t64(rng, *xs), t64(rng, *ws), t64(rng, ws[1])
     assert gradcheck(lambda x, w, b: conv_transpose2d(x, w, b, stride, padding), [x, w, b])
 
 
-def test_conv_transpose2d_without_bias_gradcheck(rng):
+def test_conv_transpose2d_without_bias_gradcheck(columns, rng):
     x, w = t64(rng, 2, 3, 3, 4), t64(rng, 3, 2, 3, 3)
     assert gradcheck(lambda x, w: conv_transpose2d(x, w, stride=2), [x, w])
 
