@@ -54,12 +54,32 @@ def _has_int_array(key):
     return any(hasattr(k, "dtype") and k.dtype.kind in "iu" or isinstance(k, list) for k in keys)
 
 
+def _picks_each_once(key, shape):
+    """True when ``key`` is integer arrays only (one per leading axis) that never name one element
+    twice; then ``gx[key] = gy`` is the scatter-add.  False when unsure (other kinds of key)."""
+    keys = key if isinstance(key, tuple) else (key,)
+    if not keys or len(keys) > len(shape):
+        return False
+    if not all(hasattr(k, "dtype") and k.dtype.kind in "iu" for k in keys):
+        return False
+    xp = get_array_module(*keys)
+    arrays = xp.broadcast_arrays(*keys)
+    if arrays[0].size < 2:
+        return True
+    flat = xp.ravel_multi_index(tuple(a.ravel() for a in arrays), shape[:len(keys)], mode="wrap")
+    flat = xp.sort(flat)
+    return not bool((flat[1:] == flat[:-1]).any())
+
+
 class GetItem(Function):
     """y = x[key] (ints, slices, integer arrays, boolean masks);  dx = zeros, gy placed at key.
 
     Integer arrays may repeat an index (x[[0, 0]]): those gradients must add up, so they go
     through a scatter-add; other keys pick each element at most once and a plain assignment
-    does.
+    does.  Most integer keys in Mask R-CNN do not repeat either (the pooler's reordering of
+    RoIs by level is a permutation, the class-specific box and mask outputs pick one class per
+    RoI), and NumPy's ``np.add.at`` is many times slower than an assignment, so backward checks
+    (a sort of the flat indices) and assigns when it can.
     """
 
     def __init__(self, key):
@@ -74,7 +94,7 @@ class GetItem(Function):
     def backward(self, gy):
         xp = get_array_module(gy)
         gx = xp.zeros(self.in_shape, dtype=gy.dtype)
-        if _has_int_array(self.key):
+        if _has_int_array(self.key) and not _picks_each_once(self.key, self.in_shape):
             scatter_add(gx, self.key, gy)
         else:
             gx[self.key] = gy
