@@ -266,3 +266,31 @@ def test_r50_fpn_predicts_on_a_coco_sized_image(r50_fpn):
     n = len(out["scores"])
     assert out["boxes"].shape == (n, 4) and out["masks"].shape == (n, 800, 1067)
     assert n <= 100
+
+
+def test_reseed_makes_a_forwards_draws_depend_only_on_seed_and_iteration():
+    """``MaskRCNN.reseed`` gives the training scale (k=0) and both samplers (k=1, 2) generators
+    seeded by (seed, iteration, k): two models agree whatever their generators did before, the
+    three streams differ, and the next iteration draws anew."""
+    cfg = dataclasses.replace(preset("shapes"), min_size=(96, 112, 128))
+    a, b = MaskRCNN(cfg), MaskRCNN(cfg)
+    a.rpn.sampler.rng.random(5)  # a different running state must not matter
+    a.transform.scale_rng.random(2)
+    a.reseed(7, 4)
+    b.reseed(7, 4)
+    gens = lambda m: (m.transform.scale_rng, m.rpn.sampler.rng, m.roi_heads.sampler.rng)  # noqa: E731
+    draws_a = [g.random(3) for g in gens(a)]
+    for x, g in zip(draws_a, gens(b)):
+        np.testing.assert_array_equal(x, g.random(3))
+    assert not np.array_equal(draws_a[0], draws_a[1]) and not np.array_equal(draws_a[1], draws_a[2])
+    b.reseed(7, 5)
+    assert not np.array_equal(draws_a[1], b.rpn.sampler.rng.random(3))
+    np.testing.assert_array_equal(draws_a[1], np.random.default_rng([7, 2, 4, 1]).random(3))
+
+
+def test_the_heads_pool_with_the_configs_canonical_level_rule():
+    cfg = dataclasses.replace(preset("shapes"), canonical_box_size=40, canonical_level=3)
+    heads = MaskRCNN(cfg).roi_heads
+    for pool in (heads.box_roi_pool, heads.mask_roi_pool):
+        assert (pool.canonical_box_size, pool.canonical_level) == (40, 3)
+    assert list(heads.box_roi_pool.strides) == [4, 8, 16, 32]  # from the backbone

@@ -51,7 +51,7 @@ from .mask_head import (
     mask_probabilities,
     project_masks_on_boxes,
 )
-from .poolers import MultiScaleRoIAlign
+from .poolers import MultiScaleRoIAlign, pooler_settings
 
 
 class RoIHeads(nn.Module):
@@ -87,8 +87,7 @@ class RoIHeads(nn.Module):
         num_classes = cfg.num_classes
 
         # Poolers (no weights): RoIAlign on the level that suits each box (FPN Eq. 1).
-        pool = dict(sampling_ratio=cfg.sampling_ratio, aligned=cfg.aligned, pooler_type=cfg.pooler_type,
-                    strides=self.strides)
+        pool = dict(pooler_settings(cfg), strides=self.strides)
         self.box_roi_pool = MultiScaleRoIAlign(cfg.box_pool_size, **pool)
         if cfg.mask_on:
             self.mask_roi_pool = MultiScaleRoIAlign(cfg.mask_pool_size, **pool)
