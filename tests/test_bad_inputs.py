@@ -140,6 +140,20 @@ def test_missing_and_malformed_annotation_files(shapes, tmp_path, capsys, fake):
                                                                           tmp_path / "run"), capsys)
 
 
+def test_a_val_set_without_masks_is_refused_before_training(shapes, tmp_path, capsys, fake):
+    val = edited(shapes, tmp_path, lambda d: [a.pop("segmentation") for a in d["annotations"]], "val.json",
+                 which=1)
+    text = failed(train_args(shapes[0], shapes[2], tmp_path / "run", "--val-ann", val, "--val-images",
+                             shapes[2]), capsys)
+    assert f"{val}: no annotation has a segmentation, so the mask AP" in text and "mask_on=False" in text
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_wrong_image_folder_is_named(shapes, tmp_path, capsys, fake):
+    text = failed(train_args(shapes[0], tmp_path / "pictures", tmp_path / "run"), capsys)
+    assert f"image folder not found: {tmp_path / 'pictures'} (the images of {shapes[0]}" in text
+
+
 def test_class_count_mismatch_says_the_set_that_fixes_it(shapes, tmp_path, capsys, fake):
     text = failed(train_args(shapes[0], shapes[2], tmp_path / "run", "--set", "num_classes=7"), capsys)
     assert "train.json has 3 classes" in text and "--set num_classes=4" in text
@@ -220,6 +234,11 @@ def test_eval_names_a_bad_image_and_a_bad_annotation(shapes, tmp_path, capsys, f
     ann = edited(shapes, tmp_path, lambda d: d["images"].append(dict(d["images"][1])), "val.json", which=1)
     text = failed(["eval", "--checkpoint", tmp_path / "any.npz", "--ann", ann], capsys)
     assert f"{ann}: image id 2 is listed twice" in text
+    boxes_only = edited(shapes, tmp_path, lambda d: [a.pop("segmentation") for a in d["annotations"]],
+                        "boxes.json", which=1)
+    text = failed(["eval", "--checkpoint", _checkpoint(tmp_path / "mask_model.npz"), "--ann", boxes_only,
+                   "--images", shapes[2]], capsys)
+    assert f"{boxes_only}: no annotation has a segmentation, so the mask AP of this mask model" in text
 
 
 def test_predict_lists_every_bad_image_before_loading_the_model(shapes, tmp_path, capsys, fake):

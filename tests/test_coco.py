@@ -375,3 +375,17 @@ def test_an_image_that_breaks_after_the_check_is_named_when_read(coco_dir, tmp_p
     _save_truncated(np.zeros((H, W, 3), np.uint8), tmp_path / "images" / "a.png", "PNG")
     with pytest.raises(BadImagesError, match=r"a\.png \(image id 1 in .*train\.json\): damaged or cut short"):
         ds[ds.image_ids.index(1)]
+
+
+def test_a_missing_image_folder_is_one_line_and_long_lists_are_counted(coco_dir, tmp_path):
+    from minimask.data.coco import BadImagesError
+
+    ann_file, _, _ = coco_dir
+    with pytest.raises(FileNotFoundError, match=f"image folder not found: {tmp_path / 'nowhere'} "):
+        CocoDataset(ann_file, image_dir=tmp_path / "nowhere").check_images(progress=False)
+    many = [(f"{k}.png", k, "file not found") for k in range(BadImagesError.MAX_LISTED + 7)]
+    many[-1] = ("last.png", -1, "damaged or cut short (OSError: broken data stream)")
+    lines = str(BadImagesError("x.json", many)).splitlines()
+    assert lines[0] == f"x.json: {len(many)} images cannot be used:"
+    assert len(lines) == BadImagesError.MAX_LISTED + 2
+    assert lines[-1] == "  ... and 7 more: 6 file not found, 1 damaged or cut short"

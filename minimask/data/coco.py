@@ -51,7 +51,11 @@ log = logging.getLogger(__name__)
 class BadImagesError(ValueError):
     """Image files that cannot be used, all of them in one message: ``problems`` is a list of
     ``(path, image_id, what is wrong)`` (``image_id`` None for a file given by name), ``source``
-    the annotation file that lists them (or None).  A ``ValueError``, so the command prints it."""
+    the annotation file that lists them (or None).  A ``ValueError``, so the command prints it.
+    Past ``MAX_LISTED`` files the message counts the rest by kind of problem (``problems`` keeps
+    them all)."""
+
+    MAX_LISTED = 200
 
     def __init__(self, source, problems, hint=""):
         self.source, self.problems = source, list(problems)
@@ -65,7 +69,15 @@ class BadImagesError(ValueError):
             (path, image_id, what), = self.problems
             text = f"{where(path, image_id, True)}: {what}"
         else:
-            lines = [f"  {where(p, i, False)}: {w}" for p, i, w in self.problems]
+            lines = [f"  {where(p, i, False)}: {w}" for p, i, w in self.problems[:self.MAX_LISTED]]
+            rest = self.problems[self.MAX_LISTED:]
+            if rest:
+                kinds = {}
+                for _, _, w in rest:  # "damaged or cut short (why)", "is 64x48 pixels ... JSON says ..."
+                    kind = "of another size than the JSON says" if w.startswith("is ") else w.split(" (")[0]
+                    kinds[kind] = kinds.get(kind, 0) + 1
+                counts = ", ".join(f"{n} {k}" for k, n in kinds.items())
+                lines.append(f"  ... and {len(rest)} more: {counts}")
             head = f"{len(self.problems)} images cannot be used:"
             text = "\n".join([f"{source}: {head}" if source else head] + lines)
         super().__init__(text + hint)
@@ -388,6 +400,9 @@ class CocoDataset:
         ``BadImagesError``; with ``skip``, the bad images are dropped instead (counted in the log,
         kept out of ``coco`` too, so evaluation does not count them as missed).  Returns the
         ``(path, image_id, problem)`` list; ``hint`` ends the error (what to do about it)."""
+        if self.image_ids and not os.path.isdir(self.image_dir):  # one line, not one per image
+            raise FileNotFoundError(f"image folder not found: {self.image_dir} (the images of "
+                                    f"{self.ann_file}; default: images/ beside it)")
         ids = self.image_ids
         if progress and len(ids) >= 1000:
             from tqdm import tqdm
