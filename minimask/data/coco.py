@@ -31,7 +31,10 @@ matchers can ignore anchors and RoIs that fall on them instead of calling them b
 Segmentations come in three forms, all decoded by pycocotools: polygons (a list of
 ``[x1, y1, x2, y2, ...]``), uncompressed RLE (``counts`` a list of run lengths, used for crowds)
 and compressed RLE (``counts`` a string).  Annotations are checked when the file is loaded, so a
-bad one is reported at once, with the file and the annotation id, not hours into training.
+bad one is reported at once, with the file and the annotation id, not hours into training; the
+few degenerate ones real exports hold are dropped and counted instead (``CocoDataset``).  Image
+files are checked all at once by ``check_images`` (header reads, ``image_problem``), and an image
+that still fails when it is read (changed on disk since) raises the same ``BadImagesError``.
 """
 
 import contextlib
