@@ -440,10 +440,11 @@ def test_a_signal_saves_the_last_iteration_and_says_how_to_resume(shapes, tmp_pa
 
 
 def test_a_second_ctrl_c_quits_at_once(shapes, tmp_path):
-    run = Training(shapes, tmp_path / "run")
+    run = Training(shapes, tmp_path / "run", "--set", "batch_size=2")  # iterations of about a second
     run.wait_for(lambda: run.iterations() >= 1, "one iteration")
     n = run.iterations()
-    run.wait_for(lambda: run.iterations() > n, "the start of an iteration")  # a whole one ahead
+    run.wait_for(lambda: run.iterations() > n, "the end of an iteration")
+    time.sleep(0.1)  # inside the next one: the first signal waits for it, the second does not
     run.proc.send_signal(signal.SIGINT)
     run.wait_for(lambda: "Ctrl-C again to quit at once" in run.text(), "the first signal's notice")
     run.proc.send_signal(signal.SIGINT)
