@@ -22,7 +22,6 @@ import pytest
 
 from minimask import functional as F
 from minimask.cli import main
-from minimask.models.transform import resized_size
 from minimask.interop import (
     check_weights,
     convert_state_dict,
@@ -33,6 +32,7 @@ from minimask.interop import (
     torchvision_config,
 )
 from minimask.models import MaskRCNN, preset
+from minimask.models.transform import resized_size
 from minimask.ops import nms
 from minimask.tensor import Tensor, no_grad
 
@@ -177,6 +177,38 @@ def test_floor_rounding_gives_torchvisions_resized_sizes(hw):
         assert resized_size(*hw, 800, 1333, rounding="floor") == (800, 1066)
 
 
+def test_floor_rounding_matches_torchvisions_transform_on_a_grid_of_sizes(monkeypatch):
+    """3,500 (h, w) pairs from 17 to 2400 pixels, both orientations, at two size settings: every
+    resized size is torchvision's.  Its transform computes the scale, torch's ``interpolate``
+    floors side * scale into the output size before it calls the bilinear kernel; that kernel
+    (which only fills pixels) is replaced by an empty tensor of the size it is given, so that
+    7,000 resizes take no time.  The grid is one on which the scale's precision matters: the
+    float32 rule of torchvision 0.9-0.15 differs from today's on a good part of it."""
+    torchvision_or_skip()
+    from torchvision.models.detection.transform import GeneralizedRCNNTransform
+
+    def sizes_only(input, output_size, align_corners, scale_factors):
+        return torch.empty(tuple(input.shape[:2]) + tuple(output_size))
+
+    monkeypatch.setattr(torch._C._nn, "upsample_bilinear2d", sizes_only)
+    heights = np.unique(np.geomspace(17, 1800, 50).astype(int))
+    widths = np.unique(np.geomspace(23, 2400, 70).astype(int))
+    pairs = [(int(h), int(w)) for h in heights for w in widths]
+    assert len(pairs) >= 3400
+    differ_f32 = 0
+    for min_size, max_size in ((800, 1333), (320, 512)):
+        transform = GeneralizedRCNNTransform(min_size, max_size, [0.0] * 3, [1.0] * 3).eval()
+        for h, w in pairs:
+            out, _ = transform.resize(torch.zeros(1, 1, 1).expand(1, h, w), None)  # no pixels held
+            want = tuple(out.shape[-2:])
+            assert resized_size(h, w, min_size, max_size, rounding="floor") == want, (h, w, min_size)
+            f32 = np.float32
+            scale = float(min(f32(min_size) / f32(min(h, w)), f32(max_size) / f32(max(h, w))))
+            differ_f32 += (int(h * scale), int(w * scale)) != want
+    print(f"float32 rule differs on {differ_f32 / (2 * len(pairs)):.0%} of {2 * len(pairs)}")
+    assert differ_f32 > 0.1 * 2 * len(pairs)  # the grid can tell the two rules apart
+
+
 # ---------------------------------------------------------------- the shim's kernels, checked
 
 
@@ -246,6 +278,10 @@ def _randomize(model, seed=1):
         predictor.cls_score.weight.normal_(0, 0.05, generator=g)
         predictor.cls_score.bias.normal_(0, 1.0, generator=g)
         predictor.bbox_pred.weight.normal_(0, 0.01, generator=g)
+        # Mask logits: a random head's per-class offset (ReLU features, random 1x1 weights) fills
+        # or empties whole boxes; weights of zero sum over the inputs leave the spatial pattern.
+        logits = model.roi_heads.mask_predictor.mask_fcn_logits
+        logits.weight.sub_(logits.weight.mean(dim=1, keepdim=True))
 
 
 def _image(rng, h, w):
@@ -429,8 +465,10 @@ def test_mask_logits_for_the_same_boxes_agree(pair):
 
 
 def test_final_detections_agree(pair):
-    predictions = pair["ours"].predict(pair["images"])
-    for i, (ours, theirs) in enumerate(zip(predictions, pair["final"])):
+    """Boxes, labels, scores and the pasted masks.  The masks are far from trivial (``_randomize``
+    centres the mask logits): thousands of foreground pixels per image, and holes inside the
+    boxes, so that equality tests the mask head and the pasting, not an empty or full box."""
+    for i, (ours, theirs) in enumerate(zip(pair["ours"].predict(pair["images"]), pair["final"])):
         assert len(theirs["boxes"]) == DETECTIONS, f"image {i}: too few detections to compare"
         assert len(ours["boxes"]) == len(theirs["boxes"]), f"image {i}"
         order, _ = _match(ours["boxes"], theirs["boxes"], atol=1e-3)
@@ -438,6 +476,15 @@ def test_final_detections_agree(pair):
         np.testing.assert_allclose(ours["scores"], theirs["scores"][order], rtol=1e-4, atol=1e-6)
         want = theirs["masks"][order, 0] > 0.5
         assert ours["masks"].shape == want.shape
+        in_box = np.zeros_like(want)
+        for k, (x1, y1, x2, y2) in enumerate(np.round(theirs["boxes"][order]).astype(int)):
+            in_box[k, y1:y2, x1:x2] = True
+        assert want.sum() >= 10000, f"image {i}: only {want.sum()} mask pixels"
+        holes = (in_box & ~want).sum() / in_box.sum()
+        assert 0.05 < holes < 0.95, f"image {i}: masks fill {1 - holes:.0%} of their boxes"
+        union = (ours["masks"] | want).sum(axis=(1, 2))
+        iou = (ours["masks"] & want).sum(axis=(1, 2)) / np.maximum(union, 1)
+        assert (union > 0).all() and iou.min() >= 0.999, f"image {i}: mask IoU {iou.min():.4f}"
         assert (ours["masks"] == want).mean() >= 0.999, f"image {i}"
 
 
