@@ -159,6 +159,11 @@ def _bench(args, parser=None):
         run(device=args.device, repeat=args.repeat, tf32=args.tf32, size=args.size, json_path=args.json,
             parts=parts)
         return
+    if args.what == "train":  # a training step and inference beside torchvision's mirror, CPU
+        from .bench.train import main as run
+
+        run(config=args.config, repeat=args.repeat, overrides=args.set, json_path=args.json)
+        return
     if args.what == "memory":  # shapes only, on the CPU
         from .bench.memory import main as run
 
@@ -262,10 +267,12 @@ def build_parser():
     u.set_defaults(func=_data_subset)
 
     b = sub.add_parser("bench", help="time ops and kernels (and compare with torch where installed)")
-    b.add_argument("what", choices=["ops", "kernels", "gpu", "memory"],
+    b.add_argument("what", choices=["ops", "kernels", "gpu", "memory", "train"],
                    help="ops: conv2d fwd+bwd; kernels: RoIAlign, NMS; gpu: kernels and the r50_fpn model "
                         "beside torchvision on the same device; memory: column and activation sizes of "
-                        "an r50_fpn training step (shapes only, CPU)")
+                        "an r50_fpn training step (shapes only, CPU); train: a training step and "
+                        "inference of --config beside torchvision's MaskRCNN built to it (CPU), with "
+                        "counted GFLOP and this machine's sgemm rate")
     b.add_argument("--device", choices=["cpu", "gpu"], help="default: gpu for 'gpu', cpu for the others")
     b.add_argument("--repeat", type=int, default=5, help="timed repetitions (the median is printed)")
     b.add_argument("--tf32", action="store_true", help="gpu: TF32 matrix products on both sides "
@@ -273,7 +280,11 @@ def build_parser():
     b.add_argument("--size", type=_size, default=(800, 1333),
                    help="gpu, memory: image HxW (default 800x1333)")
     b.add_argument("--only", choices=["kernels", "model"], help="gpu: run one part only")
-    b.add_argument("--json", help="gpu: also write the results to this JSON file")
+    b.add_argument("--json", help="gpu, train: also write the results to this JSON file")
+    b.add_argument("--config", type=_preset_name, default="shapes",
+                   help="train: preset name (default shapes)")
+    b.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="train: override a config field, e.g. --set batch_size=4 (repeatable)")
     b.add_argument("--batch", type=_positive_int, default=2, help="memory: images per batch")
     b.set_defaults(func=_bench)
 
