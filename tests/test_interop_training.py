@@ -22,6 +22,12 @@ resampling arithmetic enters.  torchvision's RoIAlign has no backward on this CP
 (``tests/tv_shim.py`` gives its forward only): ``_roi_align_backward_numpy`` below is the
 adjoint written from torchvision's C++ kernel, independent of minimask's.
 
+float32 runs both whole models, transforms included.  float64 shows that what is left in
+float32 is rounding: minimask's transform always normalizes in float32, so both models get its
+batch cast to float64 and their parts are called in turn (backbone, RPN, RoI heads, as each
+model's forward does); torchvision's RPN makes its anchor labels float32 whatever the model's
+dtype, so there they take the model's.  The SGD step is checked in float64.
+
 Differences by design, and how this test treats them:
 - mask targets: minimask's default binarizes the RoIAlign crop of the gt mask at 0.5
   (Detectron2), torchvision trains on the soft values.  ``cfg.mask_target_binarize`` switches;
