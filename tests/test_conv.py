@@ -268,7 +268,7 @@ POOL_CASES = [
 
 
 @pytest.mark.parametrize("xs, kernel, stride, padding", POOL_CASES)
-def test_max_pool2d_matches_loop(rng, xs, kernel, stride, padding):
+def test_max_pool2d_matches_loop(columns, rng, xs, kernel, stride, padding):
     x = distinct(rng, xs)
     t = Tensor(x, requires_grad=True)
     y = max_pool2d(t, kernel, stride, padding)
@@ -280,12 +280,12 @@ def test_max_pool2d_matches_loop(rng, xs, kernel, stride, padding):
 
 
 @pytest.mark.parametrize("xs, kernel, stride, padding", POOL_CASES)
-def test_max_pool2d_gradcheck(rng, xs, kernel, stride, padding):
+def test_max_pool2d_gradcheck(columns, rng, xs, kernel, stride, padding):
     x = Tensor(distinct(rng, xs), requires_grad=True)
     assert gradcheck(lambda x: max_pool2d(x, kernel, stride, padding), [x])
 
 
-def test_max_pool2d_ties_go_to_the_first(rng):
+def test_max_pool2d_ties_go_to_the_first(columns, rng):
     """On a constant window the whole gradient goes to its top-left pixel (PyTorch's rule)."""
     x = Tensor(np.ones((1, 1, 4, 4)), requires_grad=True)
     max_pool2d(x, 2).backward(np.array([[[[1.0, 2.0], [3.0, 4.0]]]]))
@@ -294,11 +294,31 @@ def test_max_pool2d_ties_go_to_the_first(rng):
     np.testing.assert_array_equal(x.grad[0, 0], expected)
 
 
-def test_max_pool2d_padding_never_wins(rng):
+def test_max_pool2d_padding_never_wins(columns, rng):
     """-inf padding: an all-negative image pools to its own values, never to the pad's 0."""
     x = -1 - np.abs(rng.standard_normal((1, 1, 5, 5)))
     y = max_pool2d(Tensor(x), 3, 2, 1).data
     assert (y < 0).all() and y[0, 0, 0, 0] == x[0, 0, :2, :2].max()
+
+
+@pytest.mark.parametrize("xs, kernel, stride, padding", POOL_CASES + [((2, 3, 9, 8), 4, 3, 2)])
+def test_max_pool2d_loops_and_slices_give_the_same_bits(rng, monkeypatch, xs, kernel, stride, padding):
+    """Ties, a NaN and overlapping windows: kernels/maxpool.py picks the same winners and adds the
+    gradients in the same order as the slicing version (float32, exactly equal)."""
+    x = rng.standard_normal(xs).astype(np.float32)
+    x[0, 0, :3, :3] = 1.0
+    x[-1, -1, 1, 1] = np.nan
+    gy = None
+    results = []
+    for mode in ("loops", "slices"):
+        monkeypatch.setattr(conv_module, "CPU_COLUMNS", mode)
+        t = Tensor(x, requires_grad=True)
+        y = max_pool2d(t, kernel, stride, padding)
+        gy = rng.standard_normal(y.shape).astype(np.float32) if gy is None else gy
+        y.backward(gy)
+        results.append((y.data, t.grad))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_max_pool2d_bad_padding_is_named():

@@ -73,6 +73,7 @@ import numpy as np
 
 from ..backend import device_of, get_array_module, is_cupy_array
 from ..kernels.im2col import col2im_rows_add, im2col_rows
+from ..kernels.maxpool import max_pool_backward, max_pool_forward
 from ..tensor import Function
 
 
@@ -543,6 +544,10 @@ class MaxPool2dFn(Function):
         xp = get_array_module(x)
         n, c, h, w = x.shape
         g = ConvGeometry((h, w), self.kernel, self.stride, self.padding, (1, 1), "max_pool2d")
+        if _use_loops(x):  # the same, in one pass of kernels/maxpool.py
+            y, arg = max_pool_forward(x, self.kernel, self.stride, self.padding, (g.ho, g.wo))
+            self.save_for_backward(arg=arg, geometry=g, x_shape=x.shape)
+            return y
         ph, pw = self.padding
         xpad = xp.full((n, c, h + 2 * ph, w + 2 * pw), -xp.inf, dtype=x.dtype)
         xpad[:, :, ph:ph + h, pw:pw + w] = x
@@ -562,6 +567,8 @@ class MaxPool2dFn(Function):
     def backward(self, gy):
         xp = get_array_module(gy)
         g, (n, c, h, w) = self.geometry, self.x_shape
+        if _use_loops(gy):
+            return max_pool_backward(gy, self.arg, self.x_shape, self.kernel, self.stride, self.padding)
         gxpad = xp.zeros((n, c, h + 2 * self.padding[0], w + 2 * self.padding[1]), dtype=gy.dtype)
         zero = xp.zeros((), dtype=gy.dtype)
         for i in range(g.kh):
