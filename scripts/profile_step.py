@@ -9,7 +9,12 @@ Part 1 times one SGD step of the ``shapes`` preset at batch 8 on 128x128 synthet
 heads, Eq. 1 losses), backward through all of it, and the optimizer update.  Part 2 times
 ``predict`` of the ResNet-50-FPN model (random weights) on one 800x1067 image, the size of a
 COCO image after the paper's resize.  Each number is the median over ``--steps`` runs after one
-warm-up run (Numba compiles, CuPy builds its kernels, the anchor cache fills).
+warm-up run (Numba compiles, CuPy builds its kernels, the anchor cache fills), in wall time and
+in the process's CPU time (all threads).
+
+For where the time goes inside a stage, sample a run with py-spy (``pip install py-spy``):
+``py-spy record -r 200 -f raw -o profile.txt -- python scripts/profile_step.py --skip-r50``.
+For the whole step beside torchvision's: ``minimask bench train``.
 """
 
 import argparse
@@ -50,10 +55,12 @@ def shapes_batch(n, seed=0):
 
 
 def timed(times, name, fn, *args):
-    start = time.perf_counter()
+    """Run fn, recording (wall, CPU) seconds under ``name``.  CPU time is the process's, all its
+    threads: steadier than wall time on a shared machine, and above it when threads spin."""
+    start, cpu = time.perf_counter(), time.process_time()
     out = fn(*args)
     sync(out[0] if isinstance(out, (list, tuple)) and out else out)
-    times.setdefault(name, []).append(time.perf_counter() - start)
+    times.setdefault(name, []).append((time.perf_counter() - start, time.process_time() - cpu))
     return out
 
 
@@ -85,12 +92,17 @@ def predict_stages(model, images, times):
 
 
 def report(title, times):
-    medians = {k: statistics.median(v[1:] if len(v) > 1 else v) for k, v in times.items()}
-    total = sum(medians.values())
+    def median(v, i):
+        return statistics.median(t[i] for t in (v[1:] if len(v) > 1 else v))
+
+    walls = {k: median(v, 0) for k, v in times.items()}
+    cpus = {k: median(v, 1) for k, v in times.items()}
+    total = sum(walls.values())
     print(title)
-    for k, v in medians.items():
-        print(f"  {k:10s} {v * 1000:9.1f} ms  {100 * v / total:5.1f} %")
-    print(f"  {'total':10s} {total * 1000:9.1f} ms")
+    print(f"  {'':10s} {'wall':>9s}     {'':7s} {'CPU':>9s}")
+    for k, v in walls.items():
+        print(f"  {k:10s} {v * 1000:9.1f} ms  {100 * v / total:5.1f} % {cpus[k] * 1000:9.1f} ms")
+    print(f"  {'total':10s} {total * 1000:9.1f} ms  {'':7s} {sum(cpus.values()) * 1000:9.1f} ms")
 
 
 def main():
