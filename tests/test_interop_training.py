@@ -42,6 +42,7 @@ Differences by design, and how this test treats them:
 """
 
 import dataclasses
+import warnings
 
 import numpy as np
 import pytest
@@ -144,7 +145,9 @@ def _register_roi_align_autograd():
                                       int(ratio), bool(aligned), ctx.shape)
         return (torch.from_numpy(g),) + (None,) * 6
 
-    torch.library.register_autograd("torchvision::roi_align", backward, setup_context=setup_context)
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": meant
+        warnings.simplefilter("ignore", UserWarning)
+        torch.library.register_autograd("torchvision::roi_align", backward, setup_context=setup_context)
     _REGISTERED = True
 
 
@@ -218,8 +221,9 @@ def _randomize(model, seed):
                 (target if isinstance(target, np.ndarray) else target.data)[...] = value
 
 
-def _config(name):
-    """The preset with both samplers taking everything; r50 at 128 x 160 pixels."""
+def training_config(name):
+    """The preset with both samplers taking everything (ResNet-50 at 96 x 128 pixels, at most 200
+    proposals per image)."""
     cfg = preset(name)
     changes = dict(rpn_batch_size_per_image=ALL, box_batch_size_per_image=ALL)
     if name == "torchvision_r50_fpn":
@@ -372,7 +376,7 @@ def run_pair(cfg, seed=0):
 @pytest.fixture(scope="module", params=["torchvision_r50_fpn", "shapes"])
 def results(request):
     torchvision_or_skip()
-    return request.param, run_pair(_config(request.param))
+    return request.param, run_pair(training_config(request.param))
 
 
 def _report(name, dtype, r):
