@@ -156,3 +156,21 @@ def test_encode_masks_round_trips(rng):
         assert r["size"] == [9, 13]
         np.testing.assert_array_equal(mask_utils.decode(dict(r, counts=r["counts"].encode())), m)
     assert encode_masks(np.zeros((0, 4, 4), bool)) == []
+
+
+def test_coco_eval_prints_a_dash_where_a_range_has_no_ground_truth():
+    from minimask.engine.evaluator import coco_eval
+
+    pycocotools = pytest.importorskip("pycocotools.coco", reason="pycocotools reads the ground truth")
+    gt = pycocotools.COCO()
+    gt.dataset = {"images": [{"id": 1, "width": 64, "height": 64}], "categories": [{"id": 1, "name": "a"}],
+                  "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [8, 8, 20, 20],
+                                   "area": 400.0, "iscrowd": 0}]}
+    gt.createIndex()
+    lines = []
+    stats = coco_eval(gt, [{"image_id": 1, "category_id": 1, "bbox": [8, 8, 20, 20], "score": 0.9}], "bbox",
+                      log=lines.append)
+    assert stats["APl"] == -1.0  # no large object: COCOeval's -1, kept in the numbers
+    table = lines[0].splitlines()
+    large = [x for x in table if "Precision" in x and "area= large" in x]
+    assert large and large[0].rstrip().endswith("] =      -") and "-1.000" not in lines[0]

@@ -294,3 +294,16 @@ def test_the_heads_pool_with_the_configs_canonical_level_rule():
     for pool in (heads.box_roi_pool, heads.mask_roi_pool):
         assert (pool.canonical_box_size, pool.canonical_level) == (40, 3)
     assert list(heads.box_roi_pool.strides) == [4, 8, 16, 32]  # from the backbone
+
+
+def test_mask_predictor_init_reaches_the_model():
+    """cfg.mask_predictor_init: torchvision's Kaiming logits (spread out) or Detectron2's
+    normal(0.001) (every pixel near p = 0.5); the deconvolution starts the same either way."""
+    stds = {}
+    for init in ("kaiming", "normal_0.001"):
+        cfg = dataclasses.replace(preset("shapes"), mask_predictor_init=init)
+        predictor = MaskRCNN(cfg).roi_heads.mask_predictor
+        stds[init] = float(predictor.mask_fcn_logits.weight.data.std())
+    assert stds["normal_0.001"] == pytest.approx(0.001, rel=0.2)
+    assert stds["kaiming"] > 50 * stds["normal_0.001"]
+

@@ -196,7 +196,11 @@ def coco_eval(coco_gt, results, iou_type, log=print, sigmas=None, cat_ids=None):
     table = io.StringIO()
     with contextlib.redirect_stdout(table):
         ev.summarize()
-    log(f"{iou_type}:\n{table.getvalue().rstrip()}")
+    # COCOeval writes -1 where a range has no ground truth (APl on 128 px images, say): print "-"
+    # there, since -1 reads as a score; the numbers returned (and saved) stay COCOeval's.
+    lines = [line[:-6] + "     -" if line.endswith("= -1.000") else line
+             for line in table.getvalue().rstrip().splitlines()]
+    log(f"{iou_type}:\n" + "\n".join(lines))
     return {name: float(v) for name, v in zip(names, ev.stats)}
 
 

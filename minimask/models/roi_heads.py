@@ -105,7 +105,8 @@ class RoIHeads(nn.Module):
             self.mask_predictor = MaskMLPPredictor(cfg.box_head_dim, channels, self.mask_resolution)
         else:
             self.mask_head = MaskHead(in_channels, cfg.mask_head_dim, cfg.mask_head_convs)
-            self.mask_predictor = MaskPredictor(cfg.mask_head_dim, cfg.mask_head_dim, channels)
+            self.mask_predictor = MaskPredictor(cfg.mask_head_dim, cfg.mask_head_dim, channels,
+                                                init=cfg.mask_predictor_init)
 
         # Sec. 5: the keypoint branch, K one-hot 56x56 masks per RoI (keypoint_head.py).
         if cfg.keypoint_on:
