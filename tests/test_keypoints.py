@@ -463,6 +463,8 @@ def test_cli_predict_draws_skeletons_from_a_keypoint_checkpoint(tmp_path, monkey
     drawn = np.asarray(Image.open(out / "img.png").convert("RGB"), dtype=int)
     plain = save_drawing(image, fake, cfg.class_names, str(tmp_path / "plain.png"), skeleton=())
     plain = np.asarray(Image.open(plain).convert("RGB"), dtype=int)
+    k = drawn.shape[0] // image.shape[0]  # a 128 px image is drawn enlarged, whole pixels
+    assert drawn.shape[:2] == plain.shape[:2] == (128 * k, 128 * k) and k >= 4
     for a, b in SKELETON:  # the middle of every limb is coloured only in the skeleton drawing
-        x, y = (np.array(joints[a - 1]) + np.array(joints[b - 1])) // 2
-        assert np.abs(drawn[y - 1:y + 2, x - 1:x + 2] - plain[y - 1:y + 2, x - 1:x + 2]).max() > 40, (a, b)
+        x, y = (np.array(joints[a - 1]) + np.array(joints[b - 1])) * k // 2
+        assert np.abs(drawn[y - 2:y + 3, x - 2:x + 3] - plain[y - 2:y + 3, x - 2:x + 3]).max() > 40, (a, b)
