@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import minimask.models as models
 from minimask import Tensor
 from minimask.cli import main
 from minimask.data import make_split
-import minimask.models as models
 from minimask.engine.predictor import save_drawing
 from minimask.models.config import PRESETS
 from minimask.nn import Module, Parameter
