@@ -174,3 +174,16 @@ def test_coco_eval_prints_a_dash_where_a_range_has_no_ground_truth():
     table = lines[0].splitlines()
     large = [x for x in table if "Precision" in x and "area= large" in x]
     assert large and large[0].rstrip().endswith("] =      -") and "-1.000" not in lines[0]
+
+
+def test_predictor_load_image_names_a_cut_short_file(tmp_path):
+    from PIL import Image
+
+    from minimask.engine.predictor import load_image
+
+    path = tmp_path / "cut.png"
+    Image.fromarray(np.full((40, 50, 3), 120, np.uint8)).save(path)
+    np.testing.assert_array_equal(load_image(path), 120)
+    path.write_bytes(path.read_bytes()[:60])  # the header survives, the pixels do not
+    with pytest.raises(ValueError, match=r"cut\.png: damaged or cut short"):
+        load_image(path)

@@ -31,6 +31,10 @@ def load_image(path):
             return np.asarray(im.convert("RGB"))
     except UnidentifiedImageError:
         raise ValueError(f"{path}: not an image Pillow can read") from None
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - truncated data, a bad chunk, ...: name the file
+        raise ValueError(f"{path}: damaged or cut short ({type(e).__name__}: {e})") from None
 
 
 class Predictor:
