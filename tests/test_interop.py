@@ -110,6 +110,7 @@ def test_torchvision_preset_has_torchvisions_settings():
     cfg = preset("torchvision_r50_fpn")
     assert (cfg.num_classes, cfg.sampling_ratio, cfg.aligned, cfg.norm) == (91, 2, False, "frozen_bn")
     assert (cfg.resize_rounding, cfg.paste_mode, cfg.frozen_bn_eps) == ("floor", "torchvision", 1e-5)
+    assert cfg.mask_target_binarize is False and preset("r50_fpn").mask_target_binarize is True
     assert cfg.class_names == ()  # a preset knows no data set: the converter names the outputs
     names = torchvision_config().class_names
     assert len(names) == 90
