@@ -104,6 +104,15 @@ class Run:
     def metrics_path(self):
         return os.path.join(self.out_dir, "metrics.jsonl")
 
+    def record(self, metrics_file, it, values, lr, seconds, data_seconds):
+        """One iteration's line of ``metrics.jsonl`` (written at once: a crash loses nothing)."""
+        self.train_time += seconds
+        record = {"iter": it, **values, "lr": lr, "time": round(seconds, 4),
+                  "data_time": round(data_seconds, 4)}
+        self.records.append(record)
+        metrics_file.write(json.dumps(record) + "\n")
+        metrics_file.flush()
+
 
 def _read_metrics(path, before=None):
     """Records of ``metrics.jsonl`` (those with iter < ``before`` if given).  A line that does not
@@ -387,6 +396,40 @@ def _load_data(cfg, train_ann, train_images, val_ann, val_images, log, progress)
 # ---------------------------------------------------------------- the loop
 
 
+def _save(cfg, run, done, model, optimizer, scheduler, loader):
+    run.last_good = save_checkpoint(checkpoint_path(run.out_dir, done), model, optimizer, scheduler, cfg,
+                                    done, loader)
+    prune_checkpoints(run.out_dir, cfg.keep_checkpoints)
+
+
+def _checkpoint_and_evaluate(cfg, run, done, model, optimizer, scheduler, loader, val_set, stop, log):
+    """What is due after ``done`` iterations: a checkpoint every ``checkpoint_period`` and at the
+    end, an evaluation every ``eval_period`` (dropped, not half-run, if a signal comes)."""
+    from .evaluator import evaluate
+
+    if (cfg.checkpoint_period > 0 and done % cfg.checkpoint_period == 0) or done == cfg.iters:
+        _save(cfg, run, done, model, optimizer, scheduler, loader)
+    if val_set is None or cfg.eval_period <= 0 or done % cfg.eval_period or done == cfg.iters \
+            or stop.signum is not None:
+        return
+    stop.abandon = True
+    try:
+        evaluate(model, val_set, os.path.join(run.out_dir, f"eval_{done:07d}"), batch_size=cfg.batch_size,
+                 log=log)
+    except _Abandon:
+        log(f"evaluation at iteration {done} dropped")
+    finally:
+        stop.abandon = False
+    model.train()
+
+
+def _show(bar, values, lr):
+    if bar is not None:
+        bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()} | {"lr": f"{lr:.2g}"},
+                        refresh=False)
+        bar.update()
+
+
 def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_dir="runs/run",
           device="cpu", resume=False, log=print, model_fn=None, progress=True):
     """Train a model on a COCO-format data set; return the summary dict.
@@ -406,13 +449,12 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
     last completed iteration is saved.
     """
     from ..data import DataLoader, RandomHorizontalFlip
-    from .evaluator import evaluate
 
     if device not in ("cpu", "gpu"):
         raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
     cfg, dataset, val_set = _load_data(cfg, train_ann, train_images, val_ann, val_images, log, progress)
     run = open_run(cfg, out_dir, resume, log)
-    model, optimizer, scheduler = build_training(cfg, device, run.state, model_fn)
+    model, optimizer, scheduler = build_training(cfg, device, run.state, model_fn, log=log)
     # A flipped left knee is a right knee: keypoint data sets give the swap map.
     flip = RandomHorizontalFlip(cfg.hflip_prob, getattr(dataset, "keypoint_flip_map", None))
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=run.seed,
@@ -446,40 +488,17 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
                     raise FloatingPointError(f"{e} at iteration {it}; the last good checkpoint is {where}") \
                         from None
                 t1 = time.perf_counter()
-                run.train_time += t1 - t_data
-                record = {"iter": it, **values, "lr": lr, "time": round(t1 - t_data, 4),
-                          "data_time": round(t0 - t_data, 4)}
-                run.records.append(record)
-                metrics_file.write(json.dumps(record) + "\n")
-                metrics_file.flush()
-                if bar is not None:
-                    bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in values.items()}
-                                    | {"lr": f"{lr:.2g}"}, refresh=False)
-                    bar.update()
+                run.record(metrics_file, it, values, lr, t1 - t_data, t0 - t_data)
+                _show(bar, values, lr)
                 done = it + 1
-                if (cfg.checkpoint_period > 0 and done % cfg.checkpoint_period == 0) or done == cfg.iters:
-                    run.last_good = save_checkpoint(checkpoint_path(out_dir, done), model, optimizer,
-                                                    scheduler, cfg, done, loader)
-                    prune_checkpoints(out_dir, cfg.keep_checkpoints)
-                if val_set is not None and cfg.eval_period > 0 and done % cfg.eval_period == 0 \
-                        and done != cfg.iters and stop.signum is None:
-                    stop.abandon = True
-                    try:
-                        evaluate(model, val_set, os.path.join(out_dir, f"eval_{done:07d}"),
-                                 batch_size=cfg.batch_size, log=log)
-                    except _Abandon:
-                        log(f"evaluation at iteration {done} dropped")
-                    finally:
-                        stop.abandon = False
-                    model.train()
+                _checkpoint_and_evaluate(cfg, run, done, model, optimizer, scheduler, loader, val_set,
+                                         stop, log)
                 if stop.signum is not None:
                     break
                 t_data = time.perf_counter()
             if stop.signum is not None:
-                path = checkpoint_path(out_dir, done)
-                if done > 0 and run.last_good != path:
-                    run.last_good = save_checkpoint(path, model, optimizer, scheduler, cfg, done, loader)
-                    prune_checkpoints(out_dir, cfg.keep_checkpoints)
+                if done > 0 and run.last_good != checkpoint_path(out_dir, done):
+                    _save(cfg, run, done, model, optimizer, scheduler, loader)
                 raise TrainingInterrupted(stop.signum, done, run.last_good)
     finally:
         batches.close()  # stops the prefetch thread
