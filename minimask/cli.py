@@ -140,7 +140,7 @@ def _predict(args, parser):
 
 def _inspect(args, parser):
     from .engine import Predictor
-    from .engine.inspect import inspect_files
+    from .inspect import inspect_files
 
     missing = [p for p in args.images if not os.path.isfile(p)]
     if missing:  # before loading the model: a typo should fail at once

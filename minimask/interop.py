@@ -41,6 +41,14 @@ from collections import OrderedDict
 
 import numpy as np
 
+from .models.backbone_weights import (
+    BACKBONE_META,
+    BACKBONE_PREFIX,
+    COUNTERS,
+    load_backbone_weights,
+    read_backbone,
+)
+
 PRESET = "torchvision_r50_fpn"
 
 # Current torchvision name -> v1 (= minimask) name.  Each rule is (pattern, replacement).
@@ -230,9 +238,8 @@ def load_weights_file(path, config=None):
 # ---------------------------------------------------------------- ImageNet backbones
 
 # The ResNet body is ``backbone.body`` in every minimask model (and in torchvision's detectors).
-BACKBONE_PREFIX = "backbone.body."
-BACKBONE_META = "backbone_meta"  # the 0-d JSON string of a converted backbone file
-_COUNTERS = "num_batches_tracked"  # BatchNorm2d's update counter: no weights, never transferred
+# Reading a converted backbone into a model is the model's business (models/backbone_weights.py:
+# read_backbone, load_backbone_weights); the file format's names are shared from there.
 
 
 def resnet_architecture(state, source="state dict"):
@@ -271,7 +278,7 @@ def backbone_state(state, source="state dict"):
     depth, width = resnet_architecture(state, source)
     tensors, dropped = OrderedDict(), []
     for key, value in state.items():
-        if key.startswith("fc.") or key.endswith(_COUNTERS):
+        if key.startswith("fc.") or key.endswith(COUNTERS):
             dropped.append(key)
             continue
         value = np.asarray(value)
@@ -298,63 +305,6 @@ def convert_backbone(pth_path, npz_path):
     save_npz(npz_path, {**tensors, BACKBONE_META: np.array(json.dumps(meta))})
     return {"path": os.fspath(npz_path), "tensors": len(tensors), "depth": info["depth"],
             "width": info["width"], "dropped": info["dropped"]}
-
-
-def read_backbone(path):
-    """``(tensors, meta)`` of a backbone ``.npz`` written by ``convert_backbone``."""
-    from .nn import load_npz
-
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"backbone weights file not found: {path}")
-    if path.endswith((".pth", ".pt")):
-        raise ValueError(f"{path}: a PyTorch file; convert it first: minimask convert-weights --backbone "
-                         f"{path} OUT.npz")
-    try:
-        arrays = dict(load_npz(path))
-    except Exception as e:
-        raise ValueError(f"{path}: not a readable .npz file ({type(e).__name__}: {e})") from None
-    if BACKBONE_META not in arrays:
-        what = "a minimask checkpoint" if "meta" in arrays else "not a converted backbone"
-        raise ValueError(f"{path}: {what} (no {BACKBONE_META}); make one with minimask convert-weights "
-                         f"--backbone RESNET.pth {path}")
-    meta = json.loads(str(arrays.pop(BACKBONE_META)))
-    return arrays, meta
-
-
-def load_backbone_weights(model, path):
-    """Load a backbone ``.npz`` (``convert_backbone``) into ``model``'s ResNet body (a model with
-    ``backbone.body``, or a ResNet itself).  Every tensor of the file must find its place, and
-    every tensor of the body be filled, with the same shape; else ValueError naming each one
-    (after a first line that compares depth and width when those differ).  Returns a summary."""
-    path = os.fspath(path)
-    state, meta = read_backbone(path)
-    body = model.backbone.body if hasattr(model, "backbone") else model
-    entries = {k: v for k, v in body.state_dict().items() if not k.endswith(_COUNTERS)}
-    cfg = getattr(model, "cfg", None)
-    if cfg is not None and (meta.get("depth"), meta.get("width")) != (cfg.depth, cfg.width):
-        depth, width = meta.get("depth"), meta.get("width")
-        raise ValueError(f"{path}: a ResNet-{depth} of width {width}, but the model's is a "
-                         f"ResNet-{cfg.depth} of width {cfg.width} "
-                         f"(use --set depth={depth} --set width={width})")
-    unused = [k for k in state if k not in entries]
-    missing = [k for k in entries if k not in state]
-    wrong = [f"{k}: file {tuple(np.shape(state[k]))}, model {tuple(entries[k].shape)}"
-             for k in state if k in entries and tuple(np.shape(state[k])) != tuple(entries[k].shape)]
-    problems = []
-    if unused:
-        problems.append(f"{len(unused)} tensors of the file found no place in the ResNet: "
-                        f"{', '.join(unused)}")
-    if missing:
-        problems.append(f"{len(missing)} ResNet tensors are missing from the file: "
-                        f"{', '.join(BACKBONE_PREFIX + k for k in missing)}")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors have the wrong shape: {'; '.join(wrong)}")
-    if problems:
-        raise ValueError(f"{path}: does not fit the model's backbone:\n  " + "\n  ".join(problems))
-    body.load_state_dict(state, strict=False)  # strict=False: the counters stay the model's own
-    return {"path": path, "tensors": len(state), "depth": meta.get("depth"), "width": meta.get("width"),
-            "converted_from": meta.get("converted_from")}
 
 
 __all__ = ["read_pth", "convert_state_dict", "state_dict_to_numpy", "check_weights", "load_weights",

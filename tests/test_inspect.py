@@ -17,7 +17,7 @@ from PIL import Image
 from minimask.cli import main
 from minimask.data import CocoDataset, make_split
 from minimask.engine.checkpoint import save_checkpoint
-from minimask.engine.inspect import inspect_image
+from minimask.inspect import inspect_image
 from minimask.models import build_model, preset
 from minimask.viz import display_scale, label_positions
 

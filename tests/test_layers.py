@@ -21,7 +21,7 @@ LAYERS = {
     "nn": 4, "optim": 4,
     "models": 5, "data": 5, "viz": 5,
     "engine": 6,
-    "cli": 7, "interop": 7, "bench": 7, "__init__": 7,
+    "cli": 7, "interop": 7, "inspect": 7, "bench": 7, "__init__": 7,
 }
 # The one deliberate upward reference: a Tensor's operators (a + b, a[i], a.sum()) are
 # Functions of functional/, looked up when called (tensor.py's _arith and _shape), as DeZero.

@@ -194,8 +194,8 @@ def build_training(cfg, device, state=None, model_fn=None, log=print):
     biases) and warm-up + multi-step schedule; restored from ``state`` when resuming.
 
     A fresh run with ``cfg.backbone_weights`` starts its ResNet from that ImageNet backbone file
-    (``interop.load_backbone_weights``, which names any tensor that does not fit), as the paper
-    does (Sec. 3.1); a resumed run takes every weight from its checkpoint instead."""
+    (``models.backbone_weights.load_backbone_weights``, which names any tensor that does not fit),
+    as the paper does (Sec. 3.1); a resumed run takes every weight from its checkpoint instead."""
     from ..models import build_model
     from ..nn import init
     from ..optim import SGD, WarmupMultiStepLR, param_groups_no_decay
@@ -203,7 +203,7 @@ def build_training(cfg, device, state=None, model_fn=None, log=print):
     init.manual_seed(cfg.seed)  # everything random starts from cfg.seed: weights now, draws per iteration
     model = (model_fn or build_model)(cfg)
     if state is None and cfg.backbone_weights:
-        from ..interop import load_backbone_weights
+        from ..models.backbone_weights import load_backbone_weights
 
         done = load_backbone_weights(model, cfg.backbone_weights)
         log(f"backbone: ImageNet ResNet-{done['depth']} weights from {done['path']} "

@@ -1,6 +1,9 @@
 """Inside a trained model, stage by stage: ``minimask inspect`` (what matterport's ``inspect_model``
 notebooks show, as a command).
 
+A tool, not part of the engine: it opens the model up (its transform, backbone, RPN and heads),
+where the engine only calls a model's public methods (docs/architecture.md).
+
 For each image, the test-time path of the paper (Sec. 3.1, "Inference") is run with the model's
 own parts, in the order ``MaskRCNN.predict`` runs them, and every stage is kept and drawn:
 
@@ -30,12 +33,12 @@ import time
 
 import numpy as np
 
-from ..backend import get_array_module, to_device
-from ..models.mask_head import mask_probabilities
-from ..models.poolers import assign_boxes_to_levels
-from ..models.rpn import flatten_predictions
-from ..ops import box_iou
-from ..tensor import Tensor, no_grad
+from .backend import get_array_module, to_device
+from .models.mask_head import mask_probabilities
+from .models.poolers import assign_boxes_to_levels
+from .models.rpn import flatten_predictions
+from .ops import box_iou
+from .tensor import Tensor, no_grad
 
 
 def _cpu(a):
@@ -222,7 +225,7 @@ def save_sheet(stages, path, cfg, class_names=(), score_thresh=0.5, panel_px=512
 
     import matplotlib
 
-    from ..viz import colors, draw_boxes, draw_detections, new_figure, show_image
+    from .viz import colors, draw_boxes, draw_detections, new_figure, show_image
 
     cols, dpi = 6, 100
     per_class = stages.get("mask_probs_per_class")
@@ -335,7 +338,7 @@ def save_sheet(stages, path, cfg, class_names=(), score_thresh=0.5, panel_px=512
 
 def _targets_for(paths, ann, images=None):
     """The ground truth of each image file from the COCO file ``ann``, found by file name."""
-    from ..data import CocoDataset
+    from .data import CocoDataset
 
     datasets, out = {}, []
     for path in paths:
@@ -365,7 +368,7 @@ def inspect_files(predictor, paths, out_dir, ann=None, images=None, top_anchors=
     ``out_dir/<name>.txt`` (the summary), and ``out_dir/inspect.json`` with every image's
     counts; returns that list.  ``ann`` (a COCO file holding the images, by file name) adds the
     positive anchors of each object."""
-    from .predictor import load_image, output_name
+    from .engine.predictor import load_image, output_name
 
     missing = [p for p in paths if not os.path.isfile(p)]
     if missing:
