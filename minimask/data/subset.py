@@ -26,6 +26,8 @@ import shutil
 
 import numpy as np
 
+from ..nn import atomic_write
+
 
 def _load_coco(ann_file):
     """pycocotools' COCO index of ``ann_file``, with clear errors for a missing or bad file."""
@@ -102,10 +104,8 @@ def make_subset(ann_file, image_dir, n, out_dir, name=None, seed=0, copy=False, 
         else:
             os.symlink(src, dst)
     json_path = os.path.join(out_dir, name + ".json")
-    tmp = json_path + ".tmp"
-    with open(tmp, "w") as f:
+    with atomic_write(json_path, "w") as f:  # never a half-written annotation file
         json.dump(subset, f)
-    os.replace(tmp, json_path)  # never a half-written annotation file
     counts = {"images": len(images), "annotations": len(annotations),
               "categories": len(subset["categories"])}
     return json_path, counts

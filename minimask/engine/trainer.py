@@ -44,7 +44,6 @@ import json
 import math
 import os
 import signal
-import tempfile
 import threading
 import time
 
@@ -132,18 +131,12 @@ def _read_metrics(path, before=None):
 
 
 def _write_text(path, text):
-    """Replace the file ``path`` by ``text`` atomically (temporary file, then ``os.replace``, as
-    the checkpoints), so a kill while it is written keeps the old file."""
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
-                               prefix="." + os.path.basename(path) + ".", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    """Replace the file ``path`` by ``text`` atomically (``nn.atomic_write``, as the checkpoints),
+    so a kill while it is written keeps the old file."""
+    from ..nn import atomic_write
+
+    with atomic_write(path, "w") as f:
+        f.write(text)
 
 
 def _config_changes(old, new):

@@ -15,6 +15,7 @@ PyTorch gives, so that weights can be moved between the two), ``train()``/``eval
 norm behaves differently in each) and ``to(device)``.
 """
 
+import contextlib
 import os
 import tempfile
 from collections import OrderedDict
@@ -310,23 +311,23 @@ class Module:
         return head + "\n  " + "\n  ".join(lines) + "\n)"
 
 
-def save_npz(path, arrays):
-    """Write a dict of arrays to ``path`` (exactly that name) as ``.npz``, atomically.
+@contextlib.contextmanager
+def atomic_write(path, mode="wb"):
+    """Open ``path`` for writing so that it is replaced whole or not at all.
 
-    The file is first written to a temporary file in the same folder (``.NAME.*.partial``),
-    flushed to the disk (``fsync``), then renamed over ``path`` with ``os.replace``, atomic on one file
+    The data goes to a temporary file in the same folder (``.NAME.*.partial``), is flushed to
+    the disk (``fsync``) and renamed over ``path`` with ``os.replace``, atomic on one file
     system: a crash or a kill mid-write leaves the old file intact instead of a truncated one,
     and after a power cut the new name never points at data still in the cache.  The folder is
-    synced too, so the rename itself is on the disk when this returns."""
+    synced too, so the rename itself is on the disk when the block ends."""
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     # ".model_0000010.npz.x1y2.partial": hidden, and not a .npz, so no one takes it for a checkpoint
     fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path) + ".", suffix=".partial")
     try:
-        with os.fdopen(fd, "wb") as f:
-            # A file object, not a name: np.savez would otherwise append ".npz" to the name.
-            np.savez(f, **{k: to_device(v, "cpu") for k, v in arrays.items()})
+        with os.fdopen(fd, mode) as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -335,6 +336,14 @@ def save_npz(path, arrays):
             os.remove(tmp)
         raise
     _fsync_folder(folder)
+
+
+def save_npz(path, arrays):
+    """Write a dict of arrays to ``path`` (exactly that name) as ``.npz``, atomically
+    (``atomic_write``)."""
+    with atomic_write(path, "wb") as f:
+        # A file object, not a name: np.savez would otherwise append ".npz" to the name.
+        np.savez(f, **{k: to_device(v, "cpu") for k, v in arrays.items()})
 
 
 def _fsync_folder(folder):
