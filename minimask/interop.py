@@ -48,6 +48,7 @@ from .models.backbone_weights import (
     load_backbone_weights,
     read_backbone,
 )
+from .nn import state_dict_problems
 
 PRESET = "torchvision_r50_fpn"
 
@@ -149,19 +150,9 @@ def check_weights(model, state, origin=None, source="weights"):
     """Every tensor of ``state`` must find its place in ``model``, and every place must be
     filled, with the same shape.  Raises ValueError naming each problem, else returns None."""
     origin = origin or {}
-    entries = model.state_dict()
-    unused = [k for k in state if k not in entries]
-    missing = [k for k in entries if k not in state]
-    wrong = [f"{origin.get(k, k)}: file {tuple(np.shape(state[k]))}, model {tuple(entries[k].shape)}"
-             for k in state if k in entries and tuple(np.shape(state[k])) != tuple(entries[k].shape)]
-    problems = []
-    if unused:
-        names = [origin.get(k, k) + (f" (as {k})" if origin.get(k, k) != k else "") for k in unused]
-        problems.append(f"{len(unused)} tensors of the file found no place in the model: {', '.join(names)}")
-    if missing:
-        problems.append(f"{len(missing)} model tensors are missing from the file: {', '.join(missing)}")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors have the wrong shape: {'; '.join(wrong)}")
+    problems = state_dict_problems(
+        model.state_dict(), state, name=lambda k: origin.get(k, k),
+        unused_name=lambda k: origin.get(k, k) + (f" (as {k})" if origin.get(k, k) != k else ""))
     if problems:
         raise ValueError(f"{source}: does not fit the model:\n  " + "\n  ".join(problems))
 

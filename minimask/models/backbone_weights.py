@@ -10,7 +10,7 @@ loads it without reaching into the tools above it.
 import json
 import os
 
-import numpy as np
+from ..nn import state_dict_problems
 
 BACKBONE_PREFIX = "backbone.body."
 BACKBONE_META = "backbone_meta"  # the 0-d JSON string of a converted backbone file
@@ -54,19 +54,8 @@ def load_backbone_weights(model, path):
         raise ValueError(f"{path}: a ResNet-{depth} of width {width}, but the model's is a "
                          f"ResNet-{cfg.depth} of width {cfg.width} "
                          f"(use --set depth={depth} --set width={width})")
-    unused = [k for k in state if k not in entries]
-    missing = [k for k in entries if k not in state]
-    wrong = [f"{k}: file {tuple(np.shape(state[k]))}, model {tuple(entries[k].shape)}"
-             for k in state if k in entries and tuple(np.shape(state[k])) != tuple(entries[k].shape)]
-    problems = []
-    if unused:
-        problems.append(f"{len(unused)} tensors of the file found no place in the ResNet: "
-                        f"{', '.join(unused)}")
-    if missing:
-        problems.append(f"{len(missing)} ResNet tensors are missing from the file: "
-                        f"{', '.join(BACKBONE_PREFIX + k for k in missing)}")
-    if wrong:
-        problems.append(f"{len(wrong)} tensors have the wrong shape: {'; '.join(wrong)}")
+    problems = state_dict_problems(entries, state, where="ResNet",
+                                   missing_name=lambda k: BACKBONE_PREFIX + k)
     if problems:
         raise ValueError(f"{path}: does not fit the model's backbone:\n  " + "\n  ".join(problems))
     body.load_state_dict(state, strict=False)  # strict=False: the counters stay the model's own

@@ -6,8 +6,17 @@
 
 from . import init
 from .layers import BatchNorm2d, Conv2d, ConvTranspose2d, FrozenBatchNorm2d, Linear, MaxPool2d, ReLU
-from .module import Module, ModuleList, Parameter, Sequential, atomic_write, load_npz, save_npz
+from .module import (
+           Module,
+           ModuleList,
+           Parameter,
+           Sequential,
+           atomic_write,
+           load_npz,
+           save_npz,
+           state_dict_problems,
+)
 
 __all__ = ["Module", "Parameter", "Sequential", "ModuleList", "Conv2d", "ConvTranspose2d", "Linear",
            "BatchNorm2d", "FrozenBatchNorm2d", "ReLU", "MaxPool2d", "init", "save_npz", "load_npz",
-           "atomic_write"]
+           "atomic_write", "state_dict_problems"]

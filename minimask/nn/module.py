@@ -311,6 +311,29 @@ class Module:
         return head + "\n  " + "\n  ".join(lines) + "\n)"
 
 
+def state_dict_problems(expected, state, where="model", name=lambda k: k, unused_name=None,
+                        missing_name=None):
+    """What keeps ``state`` (name -> array, e.g. read from a file) from filling ``expected``
+    (a ``state_dict()``) exactly: tensors with no place, places with no tensor, wrong shapes.
+    One line per kind, naming every tensor (``name``/``unused_name``/``missing_name`` say how:
+    the file's own names, say); an empty list when everything fits."""
+    unused_name, missing_name = unused_name or name, missing_name or name
+    unused = [k for k in state if k not in expected]
+    missing = [k for k in expected if k not in state]
+    wrong = [f"{name(k)}: file {tuple(np.shape(state[k]))}, model {tuple(expected[k].shape)}"
+             for k in state if k in expected and tuple(np.shape(state[k])) != tuple(expected[k].shape)]
+    problems = []
+    if unused:
+        problems.append(f"{len(unused)} tensors of the file found no place in the {where}: "
+                        f"{', '.join(unused_name(k) for k in unused)}")
+    if missing:
+        problems.append(f"{len(missing)} {where} tensors are missing from the file: "
+                        f"{', '.join(missing_name(k) for k in missing)}")
+    if wrong:
+        problems.append(f"{len(wrong)} tensors have the wrong shape: {'; '.join(wrong)}")
+    return problems
+
+
 @contextlib.contextmanager
 def atomic_write(path, mode="wb"):
     """Open ``path`` for writing so that it is replaced whole or not at all.
