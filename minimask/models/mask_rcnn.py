@@ -27,7 +27,6 @@ The names of the parts (``backbone.body``, ``backbone.fpn``, ``rpn.head``, ``roi
 import numpy as np
 
 from .. import nn
-from ..backend import device_of
 from ..tensor import Tensor, no_grad
 from .fpn import BackboneWithFPN
 from .roi_heads import RoIHeads
@@ -66,10 +65,6 @@ class MaskRCNN(nn.Module):
                                   strides=self.backbone.strides[:4])  # P2..P5: the heads pool from these
 
     # ---- where the weights live, and the random draws ------------------------------------
-    def device(self):
-        """"cpu" or "gpu": where the parameters are (and so where images are sent)."""
-        return device_of(next(iter(self.parameters())).data)
-
     def to(self, device):
         """Weights to ``"cpu"`` or ``"gpu"``; images and targets will follow them there."""
         super().to(device)
