@@ -57,10 +57,15 @@ def display_scale(height, width, min_long_side=512):
 
 
 def show_image(image, ax=None):
-    """Show an (H, W, 3) uint8 RGB (or float) image without axes ticks, pixels as blocks."""
+    """Show an (H, W, 3) uint8 RGB (or float) image without axes ticks, pixels as blocks.
+
+    Pixel (i, j) covers [j, j+1] x [i, i+1] on the axes (``extent``), the coordinates boxes are
+    in (a box around pixels 0..w-1 ends at x = w); imshow's default would centre it on (j, i) and
+    put every box half a pixel off its object."""
     image = _cpu(image)
     ax = _axes(ax, image)
-    ax.imshow(image, interpolation="nearest")
+    h, w = image.shape[:2]
+    ax.imshow(image, interpolation="nearest", extent=(0, w, h, 0))
     ax.set_axis_off()
     return ax
 
@@ -82,7 +87,7 @@ def show_masks(image, masks, ax=None, alpha=0.5, colours=None):
     for m, c in zip(masks, colours):  # later masks on top, as they would be drawn
         layer[m, :3] = c[:3]
         layer[m, 3] = alpha
-    ax.imshow(layer, interpolation="nearest")
+    ax.imshow(layer, interpolation="nearest", extent=(0, image.shape[1], image.shape[0], 0))
     return ax
 
 

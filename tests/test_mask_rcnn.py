@@ -307,3 +307,16 @@ def test_mask_predictor_init_reaches_the_model():
     assert stds["normal_0.001"] == pytest.approx(0.001, rel=0.2)
     assert stds["kaiming"] > 50 * stds["normal_0.001"]
 
+
+@pytest.mark.parametrize("init", ["kaiming", "normal_0.001"])
+def test_mlp_mask_predictor_starts_as_the_fcn_one(init):
+    """Table 2e compares heads, not initialisations: the MLP's logits layer follows the same
+    switch (Kaiming fan_out: std sqrt(2 / fan_out), fan_out = C m^2 outputs; or std 0.001)."""
+    cfg = dataclasses.replace(preset("shapes"), mask_head_type="mlp", mask_predictor_init=init)
+    layer = MaskRCNN(cfg).roi_heads.mask_predictor.mask_fc_logits
+    w = layer.weight.data
+    fan_out = cfg.num_classes * (2 * cfg.mask_pool_size) ** 2
+    expected = np.sqrt(2.0 / fan_out) if init == "kaiming" else 0.001
+    assert float(w.std()) == pytest.approx(expected, rel=0.05)
+    assert not np.any(layer.bias.data)
+

@@ -69,6 +69,18 @@ class MaskHead(nn.Module):
 MASK_PREDICTOR_INITS = ("kaiming", "normal_0.001")
 
 
+def init_mask_logits(layer, init):
+    """Start the layer that gives the mask logits (1x1 conv of the FCN, last fc of the MLP) as
+    ``init`` says (``cfg.mask_predictor_init``; see ``MaskPredictor``), zero bias either way."""
+    if init not in MASK_PREDICTOR_INITS:
+        raise ValueError(f"mask predictor init {init!r} is not one of {list(MASK_PREDICTOR_INITS)}")
+    if init == "kaiming":
+        _kaiming(layer)
+    else:
+        nn.init.normal_(layer.weight, std=0.001)
+        nn.init.constant_(layer.bias, 0.0)
+
+
 class MaskPredictor(nn.Module):
     """Upsample 2x with a transposed convolution, then one 1x1 conv of logits per channel.
 
@@ -84,21 +96,16 @@ class MaskPredictor(nn.Module):
       distribution initialization for mask prediction layer").  Every pixel then starts near
       p = 0.5 and the loss at ln 2, as the box classifier starts (``box_head.py``).
 
-    The MLP head of Table 2e (``MaskMLPPredictor``) always starts its logits at std 0.001.
+    The MLP head of Table 2e (``MaskMLPPredictor``) starts its logits layer by the same switch,
+    so that an FCN-against-MLP comparison does not also compare two initialisations.
     """
 
     def __init__(self, in_channels, dim, num_channels, init="kaiming"):
         super().__init__()
-        if init not in MASK_PREDICTOR_INITS:
-            raise ValueError(f"mask predictor init {init!r} is not one of {list(MASK_PREDICTOR_INITS)}")
         self.conv5_mask = nn.ConvTranspose2d(in_channels, dim, 2, stride=2)
         self.mask_fcn_logits = nn.Conv2d(dim, num_channels, 1)
         _kaiming(self.conv5_mask)
-        if init == "kaiming":
-            _kaiming(self.mask_fcn_logits)
-        else:
-            nn.init.normal_(self.mask_fcn_logits.weight, std=0.001)
-            nn.init.constant_(self.mask_fcn_logits.bias, 0.0)
+        init_mask_logits(self.mask_fcn_logits, init)
 
     def forward(self, x):
         return self.mask_fcn_logits(F.relu(self.conv5_mask(x)))
@@ -121,13 +128,11 @@ class MaskMLPHead(nn.Module):
 class MaskMLPPredictor(nn.Module):
     """One fc layer giving all m x m logits of every channel, reshaped to (P, C, m, m)."""
 
-    def __init__(self, dim, num_channels, resolution):
+    def __init__(self, dim, num_channels, resolution, init="kaiming"):
         super().__init__()
         self.num_channels, self.resolution = num_channels, resolution
         self.mask_fc_logits = nn.Linear(dim, num_channels * resolution * resolution)
-        # As the box predictor: small logits at first, so every pixel starts near p = 0.5.
-        nn.init.normal_(self.mask_fc_logits.weight, std=0.001)
-        nn.init.constant_(self.mask_fc_logits.bias, 0.0)
+        init_mask_logits(self.mask_fc_logits, init)  # as the FCN's logits (cfg.mask_predictor_init)
 
     def forward(self, x):
         m = self.resolution

@@ -102,7 +102,8 @@ class RoIHeads(nn.Module):
             pass  # a box (+ keypoint) model, as torchvision's keypointrcnn
         elif cfg.mask_head_type == "mlp":
             self.mask_head = MaskMLPHead(in_channels * cfg.mask_pool_size ** 2, cfg.box_head_dim)
-            self.mask_predictor = MaskMLPPredictor(cfg.box_head_dim, channels, self.mask_resolution)
+            self.mask_predictor = MaskMLPPredictor(cfg.box_head_dim, channels, self.mask_resolution,
+                                                   init=cfg.mask_predictor_init)
         else:
             self.mask_head = MaskHead(in_channels, cfg.mask_head_dim, cfg.mask_head_convs)
             self.mask_predictor = MaskPredictor(cfg.mask_head_dim, cfg.mask_head_dim, channels,
