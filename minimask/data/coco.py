@@ -543,8 +543,9 @@ def _runs_of_rle_string(s):
     """Run lengths of a compressed RLE string (pycocotools' format), or None if it is cut short.
 
     Each run is written in chunks of 5 bits, one character (value + 48) per chunk, bit 0x20
-    meaning "more chunks follow" and bit 0x10 of the last chunk the sign; from the third run on,
-    the number stored is the difference to the run two before (zeros-runs and ones-runs each
+    meaning "more chunks follow" and bit 0x10 of the last chunk the sign; from the fourth run on
+    (index 3, as pycocotools' ``rleFrString``: ``m > 2``), the number stored is the difference to
+    the run two before (zeros-runs and ones-runs each
     vary smoothly down the columns, so the differences are small).  Decoding it here lets us
     reject a corrupt string with a clear message, where pycocotools would silently decode garbage.
     """

@@ -9,8 +9,9 @@ it learn on a CPU in minutes we need a data set where all three are clear but no
   into rectangles and every shape may be rotated), random colours, sizes and positions;
 - objects drawn in order, so later ones occlude earlier ones; the masks are of the *visible*
   parts, as COCO's are;
-- annotations written the way real COCO writes them: a polygon where the object is whole, a
-  compressed RLE (run-length encoding) where occlusion cut it, ``area`` the mask's pixel count,
+- annotations in both of COCO's mask formats: a polygon where the object is whole, a
+  compressed RLE (run-length encoding) where occlusion cut it (COCO itself keeps RLE for crowd
+  regions and uses polygons for ordinary objects, occluded or not), ``area`` the mask's pixel count,
   ``bbox`` the visible mask's ``[x, y, w, h]``, ``iscrowd`` 0.
 
 Every shape is a polygon (a circle is a many-sided one) and its mask is made by pycocotools'

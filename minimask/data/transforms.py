@@ -1,6 +1,8 @@
 """Data augmentation: horizontal flips of an image with its boxes, masks and keypoints.
 
-Sec. 3.1 of the paper trains with horizontal flips, the one augmentation Mask R-CNN uses.  The
+Horizontal flips (probability 0.5) are the one augmentation of the reference implementations
+(Detectron, Detectron2, torchvision's references/detection), as in Fast R-CNN before them; the
+Mask R-CNN paper itself lists none for its COCO models beyond Sec. 5's scale jitter.  The
 rest of the input pipeline (resize, normalize, pad into a batch) is the model's own:
 ``models/transform.py``, as torchvision's ``GeneralizedRCNNTransform``, so the model takes
 images of any size and the data knows nothing of the model.

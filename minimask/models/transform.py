@@ -8,7 +8,8 @@ the model plain images of any sizes and gets detections back in those images' ow
            resized such that their scale (shorter edge) is 800 pixels"); boxes, masks and
            keypoints scaled with the image
         -> normalize with image_mean / image_std, then zero-pad to one batch whose sides are
-           multiples of size_divisible (32: every FPN level, strides 4 to 64, divides it)
+           multiples of size_divisible (32, the coarsest stride FPN adds top-down, so that P2..P5
+           are the padded size over 4..32 exactly; P6 is only P5 max-pooled)
     ... backbone, RPN, RoI heads ...
     detections in resized pixels  --  postprocess: boxes and keypoints scaled back, the 28x28
         mask probabilities pasted into the original image and binarized (Sec. 3.1, "Inference")
