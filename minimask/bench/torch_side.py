@@ -128,7 +128,8 @@ def _mirror_refusals(cfg):
 def _mirror_body(torch, torchvision, cfg):
     """torchvision's ResNet of ``cfg.depth`` at base width ``cfg.width`` (torchvision's own
     constructor is fixed at 64), norms and frozen stages as minimask's ``models/resnet.py``: a
-    frozen stage always has FrozenBatchNorm2d, the others ``cfg.norm``'s class."""
+    frozen stage always has FrozenBatchNorm2d, the others ``cfg.norm``'s class; its convs start
+    as ``cfg.backbone_init`` says (torchvision's own He-normal fan_out, or nn.Conv2d's default)."""
     import functools
 
     from torchvision.models import resnet
@@ -152,6 +153,15 @@ def _mirror_body(torch, torchvision, cfg):
     for i, n in enumerate(layers):
         body._norm_layer = norm_of(i + 2)
         setattr(body, f"layer{i + 1}", body._make_layer(block, w * 2 ** i, n, stride=1 if i == 0 else 2))
+    if cfg.backbone_init == "kaiming_fan_out":
+        # The layers rebuilt above start as nn.Conv2d does; torchvision's ResNet.__init__ then
+        # re-draws every conv He-normal (fan_out) and sets its norms to 1 and 0: do the same.
+        for m in body.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
+                torch.nn.init.constant_(m.weight, 1)
+                torch.nn.init.constant_(m.bias, 0)
     frozen = [] if cfg.freeze_at == 0 else ["conv1", "bn1"] + [f"layer{s}" for s in range(1, cfg.freeze_at)]
     for name, p in body.named_parameters():
         if name.split(".")[0] in frozen:

@@ -71,6 +71,8 @@ class MaskRCNNConfig:
     canonical_box_size: int = 224        # FPN Eq. 1: a box of this side sqrt(w h) is pooled from
     canonical_level: int = 4             # this level (P4); half as wide one level finer (poolers.py)
     mask_predictor_init: str = "kaiming"  # mask logits: "kaiming" (torchvision), "normal_0.001" (Detectron2)
+    backbone_init: str = "kaiming_fan_out"  # ResNet convs from scratch: torchvision's and Detectron2's
+                                            # He normal (fan_out), or "pytorch_default" (nn.Conv2d's own)
     # Three more places where torchvision's released model and Detectron2 differ (interop.py):
     frozen_bn_eps: float = 1e-5          # FrozenBatchNorm2d eps (both 1e-5; torchvision <= 0.5: 0)
     resize_rounding: str = "round"       # resized side: "round" (Detectron2) or "floor" (torchvision)
@@ -123,6 +125,7 @@ CHOICES = {
     "norm": ("frozen_bn", "bn"),
     "pooler_type": ("roialign", "roipool", "roiwarp"),
     "mask_predictor_init": ("kaiming", "normal_0.001"),  # mask_head.MaskPredictor cites both
+    "backbone_init": ("kaiming_fan_out", "pytorch_default"),  # resnet.ResNet._init_weights
     "mask_loss": ("sigmoid", "softmax"),
     "mask_head_type": ("fcn", "mlp"),
     "resize_rounding": ("round", "floor"),

@@ -140,12 +140,25 @@ class ResNet(nn.Module):
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
             self.out_channels.append(in_channels)
 
-        self._init_weights()
+        self._init_weights(cfg.backbone_init)
         self._freeze(cfg.freeze_at)
 
-    def _init_weights(self):
-        """As torchvision: convs kaiming-normal with fan_out (keeps the gradients' scale
-        steady through ReLUs, He et al. 2015), norms weight 1 and bias 0 (already so)."""
+    def _init_weights(self, how="kaiming_fan_out"):
+        """How the convs start when the backbone trains from scratch (``cfg.backbone_init``):
+
+        - ``"kaiming_fan_out"``: as torchvision's ``ResNet.__init__`` and Detectron2's
+          ``c2_msra_fill``: He normal with fan_out, std sqrt(2 / (k^2 C_out)) (keeps the
+          gradients' scale steady through ReLUs, He et al. 2015);
+        - ``"pytorch_default"``: what ``nn.Conv2d`` starts with anyway (kaiming-uniform with
+          a = sqrt(5): U(+-1/sqrt(k^2 C_in)), a std about 2.5 times smaller for 3x3 convs of
+          equal widths).  Behind batch norm the scale of a conv's weights does not change the
+          function, but it sets the effective learning rate: the gradient of a normalised
+          layer scales as 1 / |w|, so smaller weights move faster at the same lr.
+
+        Norms start at weight 1 and bias 0 either way.  Pretrained weights (``backbone_weights``)
+        replace all of this."""
+        if how == "pytorch_default":
+            return  # each nn.Conv2d already drew PyTorch's default (nn.init.default_weight_bias_)
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
