@@ -177,8 +177,9 @@ def test_drawing_shows_masks_in_colour_and_leaves_the_rest(tmp_path):
     assert drawn[20 * s + 4, 26 * s + 4].sum() > 60      # inside the mask: tinted
     assert drawn[40 * s + 4, 55 * s + 4].sum() == 0      # far from everything: still black
     # Nearest neighbour: the pixels on either side of the mask's left edge are s x s blocks of one
-    # colour each (a smoothing filter would blend them into a ramp).
-    outside, inside = drawn[20 * s:21 * s, 11 * s:12 * s], drawn[20 * s:21 * s, 13 * s:14 * s]
+    # colour each (a smoothing filter would blend them into a ramp).  The box's outline runs along
+    # that edge (x = 12 is the left side of pixel 12), so the outside block stops 3 px short of it.
+    outside, inside = drawn[20 * s:21 * s, 11 * s:12 * s - 3], drawn[20 * s:21 * s, 13 * s:14 * s]
     assert (outside == outside[0, 0]).all() and (inside == inside[0, 0]).all()
     assert outside[0, 0].sum() == 0 and inside[0, 0].sum() > 60
 
