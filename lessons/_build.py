@@ -19,7 +19,7 @@ The lessons that train, 08 to 11, are committed from a *full* run instead (``--f
 ``MINIMASK_QUICK``, no time limit per cell), so their figures show a trained model; each
 notebook's header says which mode its outputs come from, and with how many iterations.  The
 full runs take, by the times the lessons print (08 on a quiet 2-core AMD EPYC, 10 and 11 on a
-2-core machine shared with other programs): 08 about 5.5 minutes (800 iterations), 10 141
+2-core machine shared with other programs): 08 about 7 minutes (800 iterations), 10 141
 minutes of training by the trainer's clocks for its 21 runs of 400 iterations (7 rows x 3
 seeds), trained two at a time with one thread each, and 11 about 12 minutes (2000 iterations); 09 trains nothing (it evaluates 08's last checkpoint, so run it after
 08).  ``lessons/README.md`` has the
