@@ -41,9 +41,8 @@ def config(name, iters, overrides, seed):
     from minimask.models.config import override
 
     milestones = (round(0.75 * iters), int(0.925 * iters))
-    cfg = override(preset(name), [f"iters={iters}", f"milestones=({milestones[0]}, {milestones[1]})",
-                                  f"seed={seed}", "checkpoint_period=0"] + list(overrides))
-    return cfg
+    return override(preset(name), [f"iters={iters}", f"milestones=({milestones[0]}, {milestones[1]})",
+                                   f"seed={seed}", "checkpoint_period=0"] + list(overrides))
 
 
 def run_minimask(cfg, train_ann, val_ann, out):
@@ -53,15 +52,12 @@ def run_minimask(cfg, train_ann, val_ann, out):
     return summary["eval"], summary["s_per_iter"]
 
 
-def schedule(cfg):
-    """minimask's WarmupMultiStepLR for ``cfg`` (linear warm-up, step drops), to read its
-    ``factor(it)`` for the torch optimizer: the same lr at every iteration on both sides."""
-    import types
-
+def schedule(optimizer, cfg):
+    """minimask's WarmupMultiStepLR for ``cfg`` on ``optimizer`` (anything with ``param_groups``
+    of dicts with "lr", a torch optimizer too): the same lr at every iteration on both sides."""
     from minimask.optim import WarmupMultiStepLR
 
-    holder = types.SimpleNamespace(param_groups=[{"lr": 1.0}])
-    return WarmupMultiStepLR(holder, cfg.milestones, gamma=cfg.gamma, warmup_iters=cfg.warmup_iters,
+    return WarmupMultiStepLR(optimizer, cfg.milestones, gamma=cfg.gamma, warmup_iters=cfg.warmup_iters,
                              warmup_factor=cfg.warmup_factor)
 
 
@@ -73,7 +69,7 @@ def run_torchvision(cfg, train_ann, val_ann, out):
     from minimask.data import CocoDataset, DataLoader, RandomHorizontalFlip
     from minimask.engine.evaluator import coco_eval, to_coco_results
 
-    torch_, tv, problem = torch_side.load("cpu")
+    _, tv, problem = torch_side.load("cpu")
     if problem:
         raise SystemExit(f"ap_parity: {problem}")
     torch.manual_seed(cfg.seed)
@@ -87,13 +83,11 @@ def run_torchvision(cfg, train_ann, val_ann, out):
     val_set = CocoDataset(val_ann, train=False, masks=False)
     loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=True, seed=cfg.seed,
                         train_transform=RandomHorizontalFlip(cfg.hflip_prob), drop_last=True)
-    lr = schedule(cfg)
+    scheduler = schedule(optimizer, cfg)
     os.makedirs(out, exist_ok=True)
     t0 = time.perf_counter()
     with open(os.path.join(out, "metrics.jsonl"), "w") as f:
         for it, (images, targets) in enumerate(loader.batches(0, cfg.iters)):
-            for group in optimizer.param_groups:
-                group["lr"] = cfg.lr * lr.factor(it)
             timages, ttargets = torch_side.images_and_targets(torch, images, targets, "cpu")
             losses = model(timages, ttargets)
             total = sum(losses.values())
@@ -102,6 +96,7 @@ def run_torchvision(cfg, train_ann, val_ann, out):
             optimizer.zero_grad()
             total.backward()
             optimizer.step()
+            scheduler.step()
             f.write(json.dumps({"iter": it, **{k: float(v) for k, v in losses.items()},
                                 "total": float(total)}) + "\n")
     seconds = time.perf_counter() - t0
@@ -161,7 +156,7 @@ def main(argv=None):
     cfg = config(args.config, args.iters, args.set, args.seed)
     run = run_minimask if args.side == "minimask" else run_torchvision
     metrics, s_per_iter = run(cfg, train_ann, val_ann, args.out)
-    group = " ".join([args.side] + sorted(args.set)) or args.side
+    group = " ".join([args.side] + sorted(args.set))
     result = {"group": group, "side": args.side, "seed": args.seed, "iters": args.iters, "set": args.set,
               "bbox": metrics["bbox"]["AP"], "segm": metrics["segm"]["AP"], "metrics": metrics,
               "s_per_iter": s_per_iter, "threads": os.environ.get("OMP_NUM_THREADS")}

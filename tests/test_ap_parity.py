@@ -2,6 +2,7 @@
 
 import importlib.util
 import json
+import types
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "ap_parity.py"
@@ -19,7 +20,8 @@ def test_schedule_drops_at_75_and_92_5_percent_and_keeps_overrides():
     cfg = ap.config("shapes", 700, ["mask_predictor_init='kaiming'"], seed=2)
     assert (cfg.iters, cfg.milestones, cfg.seed, cfg.checkpoint_period) == (700, (525, 647), 2, 0)
     assert cfg.mask_predictor_init == "kaiming"
-    lr = ap.schedule(cfg)  # minimask's own schedule, read for the torch optimizer
+    holder = types.SimpleNamespace(param_groups=[{"lr": 1.0}])  # a torch optimizer's shape
+    lr = ap.schedule(holder, cfg)  # minimask's own schedule, driving the torch optimizer
     assert lr.factor(0) == cfg.warmup_factor
     assert lr.factor(cfg.warmup_iters) == 1.0
     assert abs(lr.factor(525) - cfg.gamma) < 1e-12 and abs(lr.factor(647) - cfg.gamma ** 2) < 1e-12

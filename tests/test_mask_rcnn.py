@@ -326,7 +326,6 @@ def test_mlp_mask_predictor_starts_as_the_fcn_one(init):
     assert not np.any(layer.bias.data)
 
 
-
 def test_backbone_init_switch():
     """cfg.backbone_init: He normal with fan_out (torchvision's ResNet, Detectron2's
     c2_msra_fill), or nn.Conv2d's own default, U(+-1/sqrt(fan_in)), std 1/sqrt(3 fan_in)."""
@@ -334,7 +333,8 @@ def test_backbone_init_switch():
         cfg = dataclasses.replace(preset("shapes"), backbone_init=how)
         conv = MaskRCNN(cfg).backbone.body.layer2[1].conv1  # 3x3, 32 -> 32 channels
         k, c_in, c_out = 3, 32, 32
-        expected = np.sqrt(2.0 / (k * k * c_out)) if how == "kaiming_fan_out" else 1 / np.sqrt(3 * k * k * c_in)
+        he, pytorch = np.sqrt(2.0 / (k * k * c_out)), 1 / np.sqrt(3 * k * k * c_in)
+        expected = he if how == "kaiming_fan_out" else pytorch
         assert float(conv.weight.data.std()) == pytest.approx(expected, rel=0.1)
     with pytest.raises(ValueError, match="backbone_init"):
         dataclasses.replace(preset("shapes"), backbone_init="xavier")

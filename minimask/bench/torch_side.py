@@ -155,13 +155,11 @@ def _mirror_body(torch, torchvision, cfg):
         setattr(body, f"layer{i + 1}", body._make_layer(block, w * 2 ** i, n, stride=1 if i == 0 else 2))
     if cfg.backbone_init == "kaiming_fan_out":
         # The layers rebuilt above start as nn.Conv2d does; torchvision's ResNet.__init__ then
-        # re-draws every conv He-normal (fan_out) and sets its norms to 1 and 0: do the same.
+        # re-draws every conv He-normal (fan_out), as done here (its norms start at 1 and 0,
+        # which the rebuilt ones already do).
         for m in body.modules():
             if isinstance(m, torch.nn.Conv2d):
                 torch.nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (torch.nn.BatchNorm2d, torch.nn.GroupNorm)):
-                torch.nn.init.constant_(m.weight, 1)
-                torch.nn.init.constant_(m.bias, 0)
     frozen = [] if cfg.freeze_at == 0 else ["conv1", "bn1"] + [f"layer{s}" for s in range(1, cfg.freeze_at)]
     for name, p in body.named_parameters():
         if name.split(".")[0] in frozen:
