@@ -265,6 +265,7 @@ def test_predict_lists_every_bad_image_before_loading_the_model(shapes, tmp_path
     ("rpn_bg_iou_thresh=0.9", "rpn_bg_iou_thresh=0.9 must not exceed rpn_fg_iou_thresh=0.7"),
     ("image_std=(0.2,0.0,0.2)", "image_std=(0.2, 0.0, 0.2) must be 3 positive finite numbers"),
     ("lr=-0.1", "lr=-0.1 must be > 0"),
+    ("box_smooth_l1_beta=-0.5", "box_smooth_l1_beta=-0.5 must be >= 0"),
 ])
 def test_config_values_are_checked_before_any_data_is_read(tmp_path, capsys, setting, message):
     # the annotation file does not exist: the config is refused first

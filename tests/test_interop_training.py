@@ -442,3 +442,12 @@ def test_soft_mask_targets_are_the_crops_that_binarized_ones_threshold():
     logits = Tensor(rng.normal(size=(6, 3, 28, 28)).astype(np.float32))
     with pytest.raises(ValueError, match="binary"):
         mask_loss(logits, soft, np.ones(6, np.int64), loss_type="softmax")
+
+
+def test_mirror_refuses_settings_torchvision_hard_codes():
+    """torchvision's RPN and RoI heads fix both smooth-L1 betas at 1/9: a config with Detectron2's
+    0 has no mirror, and build_mirror says which field, not a silent mismatch."""
+    tv = torchvision_or_skip()
+    cfg = dataclasses.replace(preset("shapes"), rpn_smooth_l1_beta=0.0)
+    with pytest.raises(ValueError, match=r"rpn_smooth_l1_beta=0.0 \(torchvision's is fixed at 1/9\)"):
+        build_mirror(torch, tv, cfg)

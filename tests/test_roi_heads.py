@@ -254,6 +254,22 @@ def test_fastrcnn_loss_by_hand_and_gradcheck(rng):
     assert gradcheck(lambda u, v: sum(fastrcnn_loss(u, v, labels, targets), Tensor(0.0)), [a, b])
 
 
+def test_box_losses_use_the_configs_beta(rng):
+    """RoIHeads.box_losses passes ``cfg.box_smooth_l1_beta`` to fastrcnn_loss: Detectron2's 0 (plain
+    L1) gives the loss of fastrcnn_loss with beta 0 on the same outputs, not the 1/9 one."""
+    heads = make_heads(box_smooth_l1_beta=0.0)
+    proposals, targets = training_batch(rng)
+    feats = features(rng)
+    samples = heads.select_training_samples(proposals, targets)
+    got = heads.box_losses(feats, samples)["loss_box"].item()
+    logits, regression = heads.box_predictor(heads.box_head(heads.box_roi_pool(feats, [s["boxes"] for s in samples])))
+    labels = np.concatenate([s["labels"] for s in samples])
+    deltas = np.concatenate([s["regression_targets"] for s in samples])
+    l1 = fastrcnn_loss(logits, regression, labels, deltas, beta=0.0)[1].item()
+    default = fastrcnn_loss(logits, regression, labels, deltas)[1].item()
+    assert got == l1 and abs(l1 - default) > 1e-4 * l1
+
+
 # ---- training forward and backward: the default and every ablation ----------------------------------
 
 ABLATIONS = {

@@ -325,10 +325,12 @@ def smooth_l1(d, beta=1 / 9):
     return 0.5 * d * d / beta if d < beta else d - 0.5 * beta
 
 
-def test_losses_match_their_definitions():
-    """Mean BCE over the sampled anchors; smooth L1 (beta 1/9) summed over the positives and
-    divided by the number sampled; no gradient reaches an anchor that was not sampled."""
-    cfg = shapes_cfg(rpn_batch_size_per_image=40)
+@pytest.mark.parametrize("beta", [1 / 9, 0.0, 1.0])
+def test_losses_match_their_definitions(beta):
+    """Mean BCE over the sampled anchors; smooth L1 (``cfg.rpn_smooth_l1_beta``: torchvision's 1/9,
+    Detectron2's 0, Fast R-CNN's 1) summed over the positives and divided by the number sampled;
+    no gradient reaches an anchor that was not sampled."""
+    cfg = shapes_cfg(rpn_batch_size_per_image=40, rpn_smooth_l1_beta=beta)
     rpn = RegionProposalNetwork(cfg)
     rng = np.random.default_rng(4)
     obj = [Tensor(rng.normal(0, 1, (2, A, h, w)), requires_grad=True) for h, w in LEVEL_HW]
@@ -352,7 +354,7 @@ def test_losses_match_their_definitions():
             cls_terms.append(bce(flat_o[n, i], float(pos[i])))
             count += 1
         for i in np.nonzero(pos)[0]:
-            box_sum += sum(smooth_l1(flat_d[n, i, k] - reg[n][i, k]) for k in range(4))
+            box_sum += sum(smooth_l1(flat_d[n, i, k] - reg[n][i, k], beta) for k in range(4))
     assert sample[0][0].sum() > 0 and count == 80  # positives exist; both images fill 40
     np.testing.assert_allclose(losses["loss_rpn_cls"].item(), np.mean(cls_terms), rtol=1e-10)
     np.testing.assert_allclose(losses["loss_rpn_box"].item(), box_sum / count, rtol=1e-10)

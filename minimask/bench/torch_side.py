@@ -122,6 +122,9 @@ def _mirror_refusals(cfg):
         wrong.append("mask_on=False or keypoint_on=True (a Mask R-CNN without keypoints only)")
     if len(set(map(len, cfg.anchor_sizes))) != 1:
         wrong.append("anchor_sizes with different counts per level")
+    for name in ("rpn_smooth_l1_beta", "box_smooth_l1_beta"):  # torchvision's rpn.py, roi_heads.py
+        if getattr(cfg, name) != 1.0 / 9:
+            wrong.append(f"{name}={getattr(cfg, name)!r} (torchvision's is fixed at 1/9)")
     return wrong
 
 

@@ -61,8 +61,9 @@ def fastrcnn_loss(class_logits, box_regression, labels, regression_targets, beta
     class_logits (S, K+1) and box_regression (S, 4 (K+1)) are Tensors; labels (S,) int and
     regression_targets (S, 4) plain arrays.  As Fast R-CNN (Sec. 2.3) the box loss is taken
     only on positive RoIs and only on the four deltas of their ground-truth class; as
-    torchvision it is a smooth L1 with beta = 1/9 summed and divided by the number of *sampled*
-    RoIs (not of positives), which weighs it against L_cls by the positive fraction.
+    torchvision it is a smooth L1 (beta 1/9 there, ``cfg.box_smooth_l1_beta`` here) summed and
+    divided by the number of *sampled* RoIs (not of positives), which weighs it against L_cls by
+    the positive fraction.
     """
     xp = get_array_module(labels)
     loss_cls = F.cross_entropy(class_logits, labels)

@@ -49,6 +49,8 @@ class MaskRCNNConfig:
     rpn_positive_fraction: float = 0.5
     rpn_min_size: float = 1e-3           # proposals narrower than this are dropped
     rpn_score_thresh: float = 0.0
+    rpn_smooth_l1_beta: float = 1.0 / 9  # the anchor-box loss's beta: torchvision's 1/9; Detectron2's
+    #                                      MODEL.RPN.SMOOTH_L1_BETA is 0 (plain L1); Fast R-CNN's Eq. 3 has 1
 
     # ---- RoI heads (Sec. 3.1: 512 RoIs per image, 1:3 positive to negative) ------------
     box_fg_iou_thresh: float = 0.5
@@ -56,6 +58,8 @@ class MaskRCNNConfig:
     box_batch_size_per_image: int = 512
     box_positive_fraction: float = 0.25
     bbox_reg_weights: tuple = (10.0, 10.0, 5.0, 5.0)
+    box_smooth_l1_beta: float = 1.0 / 9  # L_box's beta: torchvision's 1/9; Detectron2's
+    #                                      MODEL.ROI_BOX_HEAD.SMOOTH_L1_BETA is 0
     box_pool_size: int = 7
     box_head_dim: int = 1024             # the two fc layers of the box head
     box_score_thresh: float = 0.05
@@ -149,7 +153,8 @@ _PERIODS = ("sampling_ratio", "warmup_iters", "seed", "checkpoint_period", "eval
             "keep_checkpoints")                                                        # whole, >= 0 (0: off)
 RANGES = {
     **{name: AT_LEAST_1 for name in _COUNTS},
-    **{name: AT_LEAST_0 for name in _PERIODS + ("weight_decay", "rpn_min_size", "frozen_bn_eps")},
+    **{name: AT_LEAST_0 for name in _PERIODS + ("weight_decay", "rpn_min_size", "frozen_bn_eps",
+                                               "rpn_smooth_l1_beta", "box_smooth_l1_beta")},
     **{name: UNIT for name in (
         "rpn_nms_thresh", "rpn_fg_iou_thresh", "rpn_bg_iou_thresh", "rpn_score_thresh", "box_fg_iou_thresh",
         "box_bg_iou_thresh", "box_score_thresh", "box_nms_thresh", "mask_threshold", "hflip_prob")},

@@ -213,7 +213,8 @@ class RoIHeads(nn.Module):
         class_logits, box_regression = self.box_predictor(self.box_head(box_features))
         labels = xp.concatenate([s["labels"] for s in samples])
         deltas = xp.concatenate([s["regression_targets"] for s in samples])
-        loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, deltas)
+        loss_cls, loss_box = fastrcnn_loss(class_logits, box_regression, labels, deltas,
+                                           beta=self.cfg.box_smooth_l1_beta)
         return {"loss_cls": loss_cls, "loss_box": loss_box}
 
     def mask_losses(self, features, samples, targets):

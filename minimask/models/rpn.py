@@ -19,8 +19,10 @@ Two things happen with its outputs:
    between ignored), 256 anchors per image are sampled at up to 1:1 positive to negative, and
 
        loss_rpn_cls = mean over sampled anchors of BCE(objectness logit, label)
-       loss_rpn_box = sum over positive anchors of smooth_l1(deltas - targets, beta=1/9)
+       loss_rpn_box = sum over positive anchors of smooth_l1(deltas - targets, beta)
                       / number of sampled anchors
+
+   with ``beta = cfg.rpn_smooth_l1_beta`` (1/9 as torchvision; Detectron2 uses 0, plain L1)
 
    (torchvision's normalisation; the regression targets are ``BoxCoder((1, 1, 1, 1)).encode``
    of the matched ground-truth box against the anchor, Faster R-CNN Eq. 2).
@@ -55,9 +57,6 @@ from ..ops import (
     crowd_ignore_mask,
     remove_small_boxes,
 )
-
-SMOOTH_L1_BETA = 1.0 / 9  # torchvision's and Detectron's RPN box loss
-
 
 class RPNHead(nn.Module):
     """3x3 conv + ReLU shared by all levels, then 1x1 convs: A objectness logits and 4A deltas.
@@ -281,7 +280,7 @@ class RegionProposalNetwork(nn.Module):
         loss_cls = F.binary_cross_entropy_with_logits(
             logits, all_labels[sampled].astype(objectness.dtype))
         box_sum = F.smooth_l1_loss(deltas.reshape(n * total, 4)[pos], all_targets[pos],
-                                   beta=SMOOTH_L1_BETA, reduction="sum")
+                                   beta=self.cfg.rpn_smooth_l1_beta, reduction="sum")
         loss_box = box_sum / float(max(int(sampled.shape[0]), 1))
         return {"loss_rpn_cls": loss_cls, "loss_rpn_box": loss_box}
 
