@@ -58,6 +58,7 @@ from ..ops import (
     remove_small_boxes,
 )
 
+
 class RPNHead(nn.Module):
     """3x3 conv + ReLU shared by all levels, then 1x1 convs: A objectness logits and 4A deltas.
 
