@@ -26,8 +26,14 @@ compiled operators do not load (a CUDA build of torchvision next to a CPU-only t
 minimask's numbers are printed, with the reason.  Thread counts: minimask's BLAS and Numba
 pools as the environment sets them (``OMP_NUM_THREADS``, ``NUMBA_NUM_THREADS``, ...); torch is
 given as many threads as the BLAS has, so both use the same cores.
+
+``--set data_parallel=2`` times minimask's step as the trainer runs it then (``engine/parallel.py``:
+two one-thread processes, each on half the batch); torchvision keeps its threads, given back
+between minimask's steps.  Its CPU time is then the trainer's process only, and its GFLOP is
+the first share's count times the number of shares.
 """
 
+import contextlib
 import dataclasses
 import json
 import platform
@@ -209,6 +215,7 @@ def _ratio(ours, theirs, key):
 def run(config="shapes", repeat=10, overrides=(), json_path=None, with_torch=True, log=print):
     """Time both sides and print the comparison; returns the results (also written to
     ``json_path``).  ``with_torch=False`` times minimask only."""
+    from ..engine.parallel import DataParallel
     from ..engine.trainer import train_step
     from ..models import build_model
     from ..models.config import override, preset
@@ -225,6 +232,7 @@ def run(config="shapes", repeat=10, overrides=(), json_path=None, with_torch=Tru
     sgemm = sgemm_gflops()
     results = dict(config=config, overrides=list(overrides), cpu=cpu_name(), threads=threads,
                    sgemm_gflops=sgemm, batch=cfg.batch_size, size=list(size), repeat=repeat, warmup=WARMUP,
+                   data_parallel=cfg.data_parallel,
                    torchvision=dict(available=torch is not None, problem=problem))
     log(f"minimask bench train --config {config}: {cpu_name()}; BLAS {threads['blas']} thread(s), "
         f"Numba {threads['numba']}; sgemm (float32 1024^2) {sgemm:.1f} GFLOP/s")
@@ -248,21 +256,28 @@ def run(config="shapes", repeat=10, overrides=(), json_path=None, with_torch=Tru
 
     # ---- training steps: the two sides take turns ---------------------------------------------
     ours_clock, theirs_clock, step_macs = Clock(), Clock(), []
-    for i, (images, targets) in enumerate(batches):
-        timed = i >= WARMUP
-        ours.reseed(cfg.seed, i)
-        with flops.counting() as count:
+    parallel = (DataParallel(ours, cfg.data_parallel, cfg.seed) if cfg.data_parallel > 1
+                else contextlib.nullcontext())
+    with parallel as dp:
+        if dp is not None:
+            log(f"minimask: data_parallel={dp.n}, {dp.n} one-thread processes of "
+                f"{cfg.batch_size // dp.n} images each")
+        for i, (images, targets) in enumerate(batches):
+            timed = i >= WARMUP
+            ours.reseed(cfg.seed, i)
+            step = (lambda *a: train_step(ours, *a)) if dp is None else (lambda *a: dp.step(i, *a))
+            with flops.counting() as count:
+                values = (ours_clock(step, opt, constant_lr, images, targets) if timed
+                          else step(opt, constant_lr, images, targets))
+            losses.append(values["total"])
             if timed:
-                values = ours_clock(train_step, ours, opt, constant_lr, images, targets)
-            else:
-                values = train_step(ours, opt, constant_lr, images, targets)
-        losses.append(values["total"])
-        if timed:
-            step_macs.append(count.macs)
-        if theirs is not None and timed:
-            theirs_clock(theirs.step, i, *t_batches[i])
-        elif theirs is not None:
-            theirs.step(i, *t_batches[i])
+                step_macs.append(count.macs * cfg.data_parallel)  # share 0's count, times the shares
+            if theirs is not None:
+                with dp.threads_released() if dp is not None else contextlib.nullcontext():
+                    if timed:
+                        theirs_clock(theirs.step, i, *t_batches[i])
+                    else:
+                        theirs.step(i, *t_batches[i])
     gflop = flops.step_gflop(statistics.median(step_macs))
     train = dict(minimask=ours_clock.summary(gflop), loss_first=losses[0], loss_last=losses[-1])
     if theirs is not None:

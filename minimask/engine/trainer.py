@@ -39,6 +39,7 @@ a checkpoint is named after the number completed (``model_0000010.npz`` after it
 0..9), which is where a resumed run starts.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -423,6 +424,18 @@ def _show(bar, values, lr):
         bar.update()
 
 
+def _data_parallel(cfg, device, model, seed, log):
+    """The context that runs each batch in ``cfg.data_parallel`` processes (``parallel.py``), or
+    one that does nothing (yielding None) for one process."""
+    from .parallel import DataParallel
+
+    if cfg.data_parallel == 1:
+        return contextlib.nullcontext()
+    log(f"data parallel: {cfg.data_parallel} processes of {cfg.batch_size // cfg.data_parallel} images "
+        f"each, one thread each")
+    return DataParallel(model, cfg.data_parallel, seed)
+
+
 def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_dir="runs/run",
           device="cpu", resume=False, log=print, model_fn=None, progress=True):
     """Train a model on a COCO-format data set; return the summary dict.
@@ -442,9 +455,13 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
     last completed iteration is saved.
     """
     from ..data import DataLoader, RandomHorizontalFlip
+    from .parallel import fork_available
 
     if device not in ("cpu", "gpu"):
         raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
+    if cfg.data_parallel > 1 and (device != "cpu" or not fork_available()):
+        raise ValueError(f"config: data_parallel={cfg.data_parallel} needs the CPU and a system with fork "
+                         f"(Linux); use --set data_parallel=1")
     cfg, dataset, val_set = _load_data(cfg, train_ann, train_images, val_ann, val_images, log, progress)
     run = open_run(cfg, out_dir, resume, log)
     model, optimizer, scheduler = build_training(cfg, device, run.state, model_fn, log=log)
@@ -461,12 +478,13 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
     if late:
         log(f"note: milestones {list(late)} are at or past iters={cfg.iters}: the learning rate does not "
             f"drop there in this run")
+    parallel = _data_parallel(cfg, device, model, run.seed, log)  # forks before any thread starts
     bar, log = _progress(cfg, run.start, log, progress)
     batches = loader.batches(run.start, cfg.iters)
     stop = _StopOnSignal(run)
     done = run.start
     try:
-        with stop, open(run.metrics_path, "a") as metrics_file:
+        with parallel as dp, stop, open(run.metrics_path, "a") as metrics_file:
             t_data = time.perf_counter()
             for it, (images, targets) in enumerate(batches, run.start):
                 if stop.signum is not None:
@@ -475,7 +493,10 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
                 model.reseed(run.seed, it)
                 lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
                 try:
-                    values = train_step(model, optimizer, scheduler, images, targets)
+                    if dp is None:
+                        values = train_step(model, optimizer, scheduler, images, targets)
+                    else:
+                        values = dp.step(it, optimizer, scheduler, images, targets)
                 except FloatingPointError as e:
                     where = run.last_good or "none (no checkpoint was written yet)"
                     raise FloatingPointError(f"{e} at iteration {it}; the last good checkpoint is {where}") \

@@ -117,6 +117,7 @@ class MaskRCNNConfig:
     checkpoint_period: int = 5000
     eval_period: int = 0                 # 0: only at the end
     keep_checkpoints: int = 3
+    data_parallel: int = 1               # CPU processes sharing each batch (engine/parallel.py, as DDP)
     skip_bad_images: bool = False        # leave out unreadable image files (counted) instead of stopping
     backbone_weights: str = ""           # ImageNet ResNet .npz (convert-weights --backbone), fresh runs
 
@@ -148,7 +149,8 @@ _COUNTS = ("max_size", "size_divisible", "width", "fpn_out_channels", "rpn_pre_n
            "rpn_pre_nms_top_n_test", "rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test",
            "rpn_batch_size_per_image", "box_batch_size_per_image", "box_pool_size", "box_head_dim",
            "box_detections_per_img", "mask_pool_size", "mask_head_dim", "mask_head_convs",
-           "keypoint_pool_size", "keypoint_head_dim", "keypoint_head_convs", "batch_size", "iters")  # >= 1
+           "keypoint_pool_size", "keypoint_head_dim", "keypoint_head_convs", "batch_size", "iters",
+           "data_parallel")  # >= 1
 _PERIODS = ("sampling_ratio", "warmup_iters", "seed", "checkpoint_period", "eval_period",
             "keep_checkpoints")                                                        # whole, >= 0 (0: off)
 RANGES = {
@@ -236,6 +238,9 @@ def check(cfg):
         fg, bg = getattr(cfg, f"{kind}_fg_iou_thresh"), getattr(cfg, f"{kind}_bg_iou_thresh")
         if bg > fg:
             raise ValueError(f"config: {kind}_bg_iou_thresh={bg} must not exceed {kind}_fg_iou_thresh={fg}")
+    if cfg.batch_size % cfg.data_parallel:
+        raise ValueError(f"config: batch_size={cfg.batch_size} must be a multiple of data_parallel="
+                         f"{cfg.data_parallel} (each process takes an equal share of the batch)")
     m = cfg.milestones
     if not isinstance(m, (tuple, list)) or not all(_is_int(v) and v > 0 for v in m) or \
             any(b <= a for a, b in zip(m, m[1:])):
