@@ -385,7 +385,8 @@ TINY = ["--set", "width=8", "--set", "fpn_out_channels=16", "--set", "box_head_d
         "--set", "mask_head_dim=8",
         "--set", "rpn_pre_nms_top_n_train=50", "--set", "rpn_post_nms_top_n_train=20",
         "--set", "box_batch_size_per_image=8", "--set", "rpn_batch_size_per_image=32",
-        "--set", "min_size=(64,)", "--set", "max_size=64", "--set", "warmup_iters=1", "--set", "batch_size=1"]
+        "--set", "min_size=(64,)", "--set", "max_size=64", "--set", "warmup_iters=1", "--set", "batch_size=1",
+        "--set", "data_parallel=1"]
 
 
 class Training:

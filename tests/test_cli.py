@@ -155,7 +155,7 @@ def test_train_without_data_flags_makes_shapes(tmp_path, monkeypatch):
     monkeypatch.setitem(synthetic.GENERATORS, "shapes", tiny_shapes)
     monkeypatch.setattr(models, "build_model", FakeModel)
     monkeypatch.chdir(tmp_path)
-    argv = ["train", "--iters", "1", "--set", "batch_size=1"]
+    argv = ["train", "--iters", "1", "--set", "batch_size=1", "--set", "data_parallel=1"]
     assert main(argv) == 0
     assert made == ["data/shapes"]
     assert (tmp_path / "runs" / "shapes" / "model_0000001.npz").exists()

@@ -22,8 +22,10 @@ own; processes 1..n-1 are forked once, before the first iteration):
 
 What differs from one process on the whole batch, as with DDP: each loss is a mean over its own
 share's sampled anchors, RoIs and pixels, and batch norm (``norm="bn"``) normalises each share
-with its own statistics (DDP without SyncBatchNorm).  The running statistics that evaluation
-uses are process 0's (DDP broadcasts rank 0's buffers).  So a run's losses depend on
+with its own statistics (DDP without SyncBatchNorm).  Buffers (batch norm's running
+statistics) are process 0's: before each step its values are copied to the other processes,
+as DDP broadcasts rank 0's buffers before each forward, so the checkpoint (process 0's) holds
+everything a resumed run needs.  So a run's losses depend on
 ``data_parallel``, which is why it is a config field: the same config gives the same losses on
 any machine, and resuming keeps them bit for bit.
 
@@ -91,12 +93,11 @@ def _check_fork_safe():
 
 
 class _SharedLayout:
-    """Offsets of every parameter inside one flat shared buffer (64-byte aligned)."""
+    """Offsets of every array inside one flat shared buffer (64-byte aligned)."""
 
-    def __init__(self, params):
+    def __init__(self, arrays):
         self.entries, offset = [], 0
-        for p in params:
-            a = p.data
+        for a in arrays:
             self.entries.append((offset, a.shape, a.dtype))
             offset += -(-a.nbytes // 64) * 64
         self.nbytes = max(offset, 64)
@@ -117,7 +118,11 @@ def _backward(losses):
     total.backward()
 
 
-def _worker(rank, model, params, grad_views, conn, seed):
+def _buffers(model):
+    return [b for _, b in model.named_buffers() if b is not None]
+
+
+def _worker(rank, model, params, grad_views, buffer_views, conn, seed):
     """Process ``rank``'s loop: a share of each batch in, its gradients and losses out."""
     for signum in (signal.SIGINT, signal.SIGTERM):  # the trainer's to handle: it stops this process
         signal.signal(signum, signal.SIG_IGN)
@@ -131,6 +136,8 @@ def _worker(rank, model, params, grad_views, conn, seed):
             break
         iteration, images, targets = message
         try:
+            for b, v in zip(_buffers(model), buffer_views):  # process 0's, as DDP broadcasts them
+                b[...] = v
             for p in params:
                 p.grad = None
             model.reseed(seed + rank * RANK_SEED_STRIDE, iteration)
@@ -167,7 +174,7 @@ class DataParallel:
 
     def __enter__(self):
         _check_fork_safe()
-        layout = _SharedLayout(self.params)
+        layout = _SharedLayout([p.data for p in self.params])
         # Anonymous MAP_SHARED memory stays shared across fork: the parameters move into it, so
         # the optimizer's in-place update in process 0 is the update of every process.
         self._param_buffer = mmap.mmap(-1, layout.nbytes)
@@ -176,12 +183,15 @@ class DataParallel:
             p.data = view
         self._grad_buffers = [mmap.mmap(-1, layout.nbytes) for _ in range(self.n - 1)]
         self._grad_views = [layout.views(b) for b in self._grad_buffers]
+        buffer_layout = _SharedLayout(_buffers(self.model))
+        self._buffer_buffer = mmap.mmap(-1, buffer_layout.nbytes)
+        self._buffer_views = buffer_layout.views(self._buffer_buffer)
         ctx = mp.get_context("fork")
         for rank in range(1, self.n):
             ours, theirs = ctx.Pipe()
             proc = ctx.Process(target=_worker, daemon=True, name=f"minimask-dp{rank}",
-                               args=(rank, self.model, self.params, self._grad_views[rank - 1], theirs,
-                                     self.seed))
+                               args=(rank, self.model, self.params, self._grad_views[rank - 1],
+                                     self._buffer_views, theirs, self.seed))
             proc.start()
             theirs.close()
             self.workers.append((proc, ours))
@@ -223,6 +233,8 @@ class DataParallel:
     def step(self, iteration, optimizer, scheduler, images, targets):
         """One iteration over the whole batch; returns the averaged loss values (with ``total``)."""
         shares = self.shares(images, targets)
+        for b, v in zip(_buffers(self.model), self._buffer_views):  # the buffers as this step starts
+            v[...] = b
         for (proc, conn), (imgs, tgts) in zip(self.workers, shares[1:]):
             conn.send((iteration, imgs, tgts))
         optimizer.zero_grad()
