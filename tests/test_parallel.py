@@ -129,6 +129,15 @@ def test_settings_that_cannot_work_are_refused(shapes, tmp_path):
         tiny_cfg(data_parallel=3)
     with pytest.raises(ValueError, match="data_parallel=0 must be >= 1"):
         tiny_cfg(data_parallel=0)
-    with pytest.raises(ValueError, match="data_parallel=2 needs the CPU"):
-        train(tiny_cfg(), shapes[0], out_dir=str(tmp_path / "g"), device="gpu", log=lambda *a: None,
+    with pytest.raises(ValueError, match="unknown device 'tpu'"):
+        train(tiny_cfg(), shapes[0], out_dir=str(tmp_path / "g"), device="tpu", log=lambda *a: None,
               progress=False)
+
+
+def test_on_the_gpu_the_batch_runs_in_one_process(shapes, tmp_path):
+    from minimask.engine.trainer import data_parallel_context  # the decision, without a GPU
+
+    notes = []
+    with data_parallel_context(tiny_cfg(), "gpu", None, 0, notes.append) as dp:
+        assert dp is None
+    assert "on the GPU the batch runs in one process" in notes[0]

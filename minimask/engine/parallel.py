@@ -29,8 +29,9 @@ everything a resumed run needs.  So a run's losses depend on
 ``data_parallel``, which is why it is a config field: the same config gives the same losses on
 any machine, and resuming keeps them bit for bit.
 
-Processes are made with ``fork`` (Linux; elsewhere the trainer falls back to one process and
-says so).  Each process runs BLAS and Numba on one thread (``threadpoolctl`` where installed).
+Processes are made with ``fork`` (Linux; elsewhere the trainer refuses, naming the setting).
+On the GPU the trainer runs the whole batch in one process, and says so.  Each process runs BLAS
+and Numba on one thread (``threadpoolctl`` pins the BLAS).
 """
 
 import contextlib

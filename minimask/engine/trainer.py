@@ -424,12 +424,16 @@ def _show(bar, values, lr):
         bar.update()
 
 
-def _data_parallel(cfg, device, model, seed, log):
+def data_parallel_context(cfg, device, model, seed, log):
     """The context that runs each batch in ``cfg.data_parallel`` processes (``parallel.py``), or
     one that does nothing (yielding None) for one process."""
     from .parallel import DataParallel
 
     if cfg.data_parallel == 1:
+        return contextlib.nullcontext()
+    if device != "cpu":  # one GPU takes the whole batch (its numbers are not the CPU's bits anyway)
+        log(f"note: data_parallel={cfg.data_parallel} shares a batch among CPU processes; on the GPU "
+            f"the batch runs in one process")
         return contextlib.nullcontext()
     log(f"data parallel: {cfg.data_parallel} processes of {cfg.batch_size // cfg.data_parallel} images "
         f"each, one thread each")
@@ -459,9 +463,9 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
 
     if device not in ("cpu", "gpu"):
         raise ValueError(f"unknown device {device!r}: expected 'cpu' or 'gpu'")
-    if cfg.data_parallel > 1 and (device != "cpu" or not fork_available()):
-        raise ValueError(f"config: data_parallel={cfg.data_parallel} needs the CPU and a system with fork "
-                         f"(Linux); use --set data_parallel=1")
+    if cfg.data_parallel > 1 and device == "cpu" and not fork_available():
+        raise ValueError(f"config: data_parallel={cfg.data_parallel} needs a system with fork (Linux); "
+                         f"use --set data_parallel=1")
     cfg, dataset, val_set = _load_data(cfg, train_ann, train_images, val_ann, val_images, log, progress)
     run = open_run(cfg, out_dir, resume, log)
     model, optimizer, scheduler = build_training(cfg, device, run.state, model_fn, log=log)
@@ -478,7 +482,7 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
     if late:
         log(f"note: milestones {list(late)} are at or past iters={cfg.iters}: the learning rate does not "
             f"drop there in this run")
-    parallel = _data_parallel(cfg, device, model, run.seed, log)  # forks before any thread starts
+    parallel = data_parallel_context(cfg, device, model, run.seed, log)  # forks before any thread starts
     bar, log = _progress(cfg, run.start, log, progress)
     batches = loader.batches(run.start, cfg.iters)
     stop = _StopOnSignal(run)
