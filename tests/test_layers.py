@@ -28,7 +28,7 @@ LAYERS = {
 UPWARD_ALLOWED = {("tensor", "functional")}
 # The engine may use only these attributes of a model (plus the Module methods).
 MODEL_SURFACE = {"predict", "reseed", "cfg", "to", "train", "eval", "training", "parameters",
-                 "named_parameters", "state_dict", "load_state_dict", "zero_grad", "modules"}
+                 "named_parameters", "named_buffers", "state_dict", "load_state_dict", "zero_grad", "modules"}
 
 
 def sources():
