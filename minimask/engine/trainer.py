@@ -34,8 +34,8 @@ What makes it a tool:
 
 The engine calls the model only through its public surface: ``model(images, targets)`` (the
 loss dict), ``model.predict(images)``, ``model.reseed(seed, iteration)``, and the ``Module``
-methods (``to``, ``train``, ``parameters``, ``named_buffers``, ``state_dict``).  Iterations are counted from 0;
-a checkpoint is named after the number completed (``model_0000010.npz`` after iterations
+methods (``to``, ``train``, ``parameters``, ``named_buffers``, ``state_dict``).  Iterations are
+counted from 0; a checkpoint is named after the number completed (``model_0000010.npz`` after iterations
 0..9), which is where a resumed run starts.
 """
 
