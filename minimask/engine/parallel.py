@@ -43,6 +43,8 @@ import traceback
 
 import numpy as np
 
+from .trainer import check_finite, loss_values, sum_losses
+
 RANK_SEED_STRIDE = 1_000_003  # process r reseeds with seed + r * this (any fixed offset would do)
 
 
@@ -58,10 +60,8 @@ def limit_threads(n=1):
     try:
         from threadpoolctl import ThreadpoolController
 
-        blas = ThreadpoolController().select(internal_api="openblas")
-        before = [lib["num_threads"] for lib in blas.info()]
-        blas.limit(limits=n)
-        undo.append(lambda: [lib.set_num_threads(k) for lib, k in zip(blas.lib_controllers, before)])
+        limiter = ThreadpoolController().select(internal_api="openblas").limit(limits=n)
+        undo.append(limiter.restore_original_limits)
     except ImportError:  # not installed: BLAS keeps its threads (OPENBLAS_NUM_THREADS=1 does it)
         pass
     try:
@@ -108,17 +108,6 @@ class _SharedLayout:
                 for off, shape, dtype in self.entries]
 
 
-def _values(losses):
-    return {k: float(v.item()) for k, v in losses.items()}
-
-
-def _backward(losses):
-    total = None
-    for v in losses.values():
-        total = v if total is None else total + v
-    total.backward()
-
-
 def _buffers(model):
     return [b for _, b in model.named_buffers() if b is not None]
 
@@ -143,10 +132,10 @@ def _worker(rank, model, params, grad_views, buffer_views, conn, seed):
                 p.grad = None
             model.reseed(seed + rank * RANK_SEED_STRIDE, iteration)
             losses = model(images, targets)
-            values = _values(losses)
+            values = loss_values(losses)
             has_grad = []
             if all(np.isfinite(v) for v in values.values()):
-                _backward(losses)
+                sum_losses(losses).backward()
                 for p, g in zip(params, grad_views):
                     has_grad.append(p.grad is not None)
                     if p.grad is not None:
@@ -241,10 +230,9 @@ class DataParallel:
         optimizer.zero_grad()
         self.model.reseed(self.seed, iteration)
         losses = self.model(*shares[0])
-        values = [_values(losses)]
-        finite = all(np.isfinite(v) for v in values[0].values())
-        if finite:
-            _backward(losses)
+        values = [loss_values(losses)]
+        if all(np.isfinite(v) for v in values[0].values()):
+            sum_losses(losses).backward()
         replies = []
         for proc, conn in self.workers:
             try:
@@ -258,9 +246,7 @@ class DataParallel:
             values.append(payload)
         mean = {k: sum(v[k] for v in values) / self.n for k in values[0]}
         mean["total"] = sum(mean.values())
-        for name, v in mean.items():
-            if not np.isfinite(v):
-                raise FloatingPointError(f"{name} is {v}")
+        check_finite(mean)
         for i, p in enumerate(self.params):
             grads = [p.grad] if p.grad is not None else []
             grads += [views[i] for views, (_, _, has) in zip(self._grad_views, replies) if has[i]]

@@ -63,6 +63,26 @@ from .checkpoint import (
 # ---------------------------------------------------------------- one iteration
 
 
+def loss_values(losses):
+    """The loss dict's terms as floats, without ``total``."""
+    return {k: float(v.item()) for k, v in losses.items()}
+
+
+def check_finite(values):
+    """The guard: raise ``FloatingPointError`` naming the first NaN or infinite value."""
+    for name, v in values.items():
+        if not math.isfinite(v):
+            raise FloatingPointError(f"{name} is {v}")
+
+
+def sum_losses(losses):
+    """The Tensor the step differentiates: the sum of the loss dict's terms (each weight 1)."""
+    total = None
+    for v in losses.values():
+        total = v if total is None else total + v
+    return total
+
+
 def train_step(model, optimizer, scheduler, images, targets):
     """One SGD iteration on one batch; returns the loss values (floats, with ``total``).
 
@@ -71,16 +91,11 @@ def train_step(model, optimizer, scheduler, images, targets):
     and one optimizer and scheduler step.
     """
     losses = model(images, targets)
-    values = {k: float(v.item()) for k, v in losses.items()}
+    values = loss_values(losses)
     values["total"] = sum(values.values())
-    for name, v in values.items():
-        if not math.isfinite(v):
-            raise FloatingPointError(f"{name} is {v}")
-    total = None
-    for v in losses.values():
-        total = v if total is None else total + v
+    check_finite(values)
     optimizer.zero_grad()
-    total.backward()
+    sum_losses(losses).backward()
     optimizer.step()
     scheduler.step()
     return values
@@ -494,12 +509,12 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
                 if stop.signum is not None:
                     break  # asked to stop while the batch was read: iteration ``it`` is not begun
                 t0 = time.perf_counter()
-                model.reseed(run.seed, it)
                 lr = optimizer.param_groups[0]["lr"]  # the lr this step uses
                 try:
                     if dp is None:
+                        model.reseed(run.seed, it)
                         values = train_step(model, optimizer, scheduler, images, targets)
-                    else:
+                    else:  # reseeds each process itself
                         values = dp.step(it, optimizer, scheduler, images, targets)
                 except FloatingPointError as e:
                     where = run.last_good or "none (no checkpoint was written yet)"
@@ -525,5 +540,5 @@ def train(cfg, train_ann, train_images=None, val_ann=None, val_images=None, out_
     return finish(run, cfg, model, val_set, log)
 
 
-__all__ = ["train", "train_step", "open_run", "build_training", "finish", "Run", "save_loss_plot",
-           "TrainingInterrupted"]
+__all__ = ["train", "train_step", "loss_values", "check_finite", "sum_losses", "open_run", "build_training",
+           "finish", "Run", "save_loss_plot", "TrainingInterrupted"]
