@@ -247,6 +247,64 @@ def test_frozen_bn_formula(rng):
     np.testing.assert_allclose(bn(Tensor(x)).data, want, rtol=1e-5, atol=1e-5)
 
 
+def _random_norm(norm, rng):
+    """Statistics and affine values far from the identity, so that folding them shows."""
+    for name in ("running_mean", "weight", "bias"):
+        arr = getattr(norm, name)
+        (arr.data if isinstance(arr, Tensor) else arr)[:] = rng.standard_normal(arr.shape[0])
+    norm.running_var[:] = rng.uniform(0.5, 2, norm.running_var.shape[0])
+    return norm
+
+
+def _conv_norm_pair(norm_kind, bias, rng):
+    conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=bias).astype(np.float64)
+    norm = (nn.FrozenBatchNorm2d(4, eps=1e-3) if norm_kind == "frozen" else nn.BatchNorm2d(4)).astype(np.float64)
+    return conv, _random_norm(norm, rng)
+
+
+@pytest.mark.parametrize("norm_kind", ["frozen", "bn_eval"])
+@pytest.mark.parametrize("bias", [False, True])
+def test_conv_norm_folds_a_fixed_norm_into_the_conv(rng, norm_kind, bias):
+    """conv_norm(conv, norm, x) == norm(conv(x)) in value, and in the gradients of x and the
+    conv's weights, when the norm is a constant affine map (so it is folded)."""
+    from minimask.tensor import no_grad
+
+    conv, norm = _conv_norm_pair(norm_kind, bias, rng)
+    norm.eval()
+    assert norm.fixed_affine() is None if norm_kind == "bn_eval" else norm.fixed_affine() is not None
+    x = rng.standard_normal((2, 3, 9, 7))
+    with no_grad():  # an eval BatchNorm2d folds when nobody wants its gradient
+        assert norm.fixed_affine() is not None
+        np.testing.assert_allclose(nn.conv_norm(conv, norm, Tensor(x)).data, norm(conv(Tensor(x))).data,
+                                   rtol=1e-12, atol=1e-12)
+    if norm_kind == "bn_eval":
+        return  # with gradients on, its weight and bias are trained: not folded (test below)
+    grads = []
+    for f in (lambda t: nn.conv_norm(conv, norm, t), lambda t: norm(conv(t))):
+        xt = Tensor(x, requires_grad=True)
+        conv.zero_grad()
+        y = f(xt)
+        (y * Tensor(np.cos(np.arange(y.size)).reshape(y.shape))).sum().backward()
+        grads.append([xt.grad, conv.weight.grad] + ([conv.bias.grad] if bias else []))
+    for folded, plain in zip(*grads):
+        np.testing.assert_allclose(folded, plain, rtol=1e-10, atol=1e-12)
+
+
+def test_conv_norm_keeps_batch_statistics_in_training(rng):
+    """A BatchNorm2d in training mode (or in eval with its weights wanting gradients) is no
+    constant map: conv_norm runs it as a layer, updating its running statistics."""
+    conv, norm = _conv_norm_pair("bn", False, rng)
+    x = Tensor(rng.standard_normal((2, 3, 9, 7)))
+    assert norm.fixed_affine() is None
+    before = norm.running_mean.copy()
+    nn.conv_norm(conv, norm, x)
+    assert not np.allclose(norm.running_mean, before)
+    norm.eval()
+    y = nn.conv_norm(conv, norm, x)
+    y.sum().backward()
+    assert norm.weight.grad is not None and norm.bias.grad is not None
+
+
 def _torch_layer_pair(kind, torch, rng):
     """The same layer in minimask and in torch, with torch's weights loaded into ours."""
     tnn = torch.nn

@@ -124,6 +124,14 @@ def shapes_batches(count, batch, size, seed=0):
 # ---------------------------------------------------------------- timing
 
 
+# Before each timed call the process sleeps this long, so that the thread pools the other side
+# just used have gone to sleep: OpenBLAS's workers spin for a while after each call (its
+# THREAD_TIMEOUT, up to about 0.1 s), and torch's OpenMP threads likewise.  Without the pause a
+# side's call starts while the other's pool still spins on the two cores, and both are slowed
+# by an amount that depends on the order of the turns, which neither side has in real use.
+SETTLE_S = 0.25
+
+
 class Clock:
     """Wall and CPU seconds of each timed call (CPU: ``time.process_time``, all threads)."""
 
@@ -131,6 +139,7 @@ class Clock:
         self.wall, self.cpu = [], []
 
     def __call__(self, fn, *args):
+        time.sleep(SETTLE_S)
         w0, c0 = time.perf_counter(), time.process_time()
         out = fn(*args)
         self.wall.append(time.perf_counter() - w0)

@@ -172,6 +172,16 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
     return BatchNormTrain(eps, momentum)(x, weight, bias, *running)
 
 
+def batch_norm_affine(mean, var, weight, bias, eps=1e-5):
+    """(scale, shift) arrays of a batch norm with fixed statistics: y = x * scale + shift, with
+    scale = weight / sqrt(var + eps) and shift = bias - mean * scale (Tensors or arrays in)."""
+    mean, var, weight, bias = (_array(v) for v in (mean, var, weight, bias))
+    xp = get_array_module(var)
+    mean, weight, bias = (xp.asarray(v) for v in (mean, weight, bias))
+    scale = weight / xp.sqrt(var + eps)
+    return scale, bias - mean * scale
+
+
 def frozen_batch_norm(x, mean, var, weight, bias, eps=1e-5):
     """A batch norm turned into a constant per-channel affine map (torchvision's
     ``FrozenBatchNorm2d``): y = x * scale + shift; only ``x`` receives a gradient."""
@@ -181,6 +191,4 @@ def frozen_batch_norm(x, mean, var, weight, bias, eps=1e-5):
     mean, var, weight, bias = (xp.asarray(_array(v)) for v in (mean, var, weight, bias))
     for name, v in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
         _check(x, f"frozen_batch_norm {name}", v)
-    scale = weight / xp.sqrt(var + eps)
-    shift = bias - mean * scale
-    return FrozenBatchNorm()(x, scale, shift)
+    return FrozenBatchNorm()(x, *batch_norm_affine(mean, var, weight, bias, eps))

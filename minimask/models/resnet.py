@@ -59,10 +59,9 @@ class BasicBlock(nn.Module):
         self.downsample = _shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = self.bn2(self.conv2(y))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(y + shortcut)
+        y = F.relu(nn.conv_norm(self.conv1, self.bn1, x))
+        y = nn.conv_norm(self.conv2, self.bn2, y)
+        return F.relu(y + _shortcut_of(self, x))
 
 
 class Bottleneck(nn.Module):
@@ -85,11 +84,18 @@ class Bottleneck(nn.Module):
         self.downsample = _shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x):
-        y = F.relu(self.bn1(self.conv1(x)))
-        y = F.relu(self.bn2(self.conv2(y)))
-        y = self.bn3(self.conv3(y))
-        shortcut = x if self.downsample is None else self.downsample(x)
-        return F.relu(y + shortcut)
+        y = F.relu(nn.conv_norm(self.conv1, self.bn1, x))
+        y = F.relu(nn.conv_norm(self.conv2, self.bn2, y))
+        y = nn.conv_norm(self.conv3, self.bn3, y)
+        return F.relu(y + _shortcut_of(self, x))
+
+
+def _shortcut_of(block, x):
+    """The block's shortcut applied to x: x itself, or its projection (conv, norm)."""
+    if block.downsample is None:
+        return x
+    conv, norm = block.downsample
+    return nn.conv_norm(conv, norm, x)
 
 
 def _shortcut(in_channels, out_channels, stride, norm):
@@ -172,7 +178,7 @@ class ResNet(nn.Module):
                 p.requires_grad = False
 
     def forward(self, x):
-        x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+        x = self.maxpool(F.relu(nn.conv_norm(self.conv1, self.bn1, x)))
         features = []
         for s in range(1, 5):
             x = getattr(self, f"layer{s}")(x)

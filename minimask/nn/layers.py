@@ -16,6 +16,7 @@ so a torchvision or Detectron2 checkpoint maps onto ours key by key:
 import numpy as np
 
 from .. import functional as F
+from ..tensor import is_grad_enabled
 from . import init
 from .module import Module, Parameter
 
@@ -117,6 +118,15 @@ class BatchNorm2d(Module):
         return F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
                             self.training, self.momentum, self.eps)
 
+    def fixed_affine(self):
+        """(scale, shift) arrays when this layer is a constant per-channel map right now (eval
+        mode, no gradient wanted for weight and bias), else None (``conv_norm`` folds it)."""
+        wants_grad = is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad)
+        if self.training or wants_grad:
+            return None
+        return F.batch_norm_affine(self.running_mean, self.running_var, self.weight.data, self.bias.data,
+                                   self.eps)
+
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
 
@@ -141,8 +151,35 @@ class FrozenBatchNorm2d(Module):
     def forward(self, x):
         return F.frozen_batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
+    def fixed_affine(self):
+        """(scale, shift): always constant (``conv_norm`` folds it into the conv before it)."""
+        return F.batch_norm_affine(self.running_mean, self.running_var, self.weight, self.bias, self.eps)
+
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}"
+
+
+def conv_norm(conv, norm, x):
+    """norm(conv(x)), with the norm folded into the conv's weights when it is a constant map.
+
+    A frozen batch norm (always) or a batch norm in eval mode (outside training, no gradient
+    for its weight and bias) is y = scale * z + shift per channel, and z = w * x + b is linear,
+    so y = (scale w) * x + (scale b + shift): one conv with scaled weights, and no pass over
+    the output to normalise it (two passes, or four for BatchNorm2d's eval formula, over the
+    largest arrays of the backbone).  The scaling runs through the autograd engine, so a
+    trainable conv before a frozen norm still gets its gradient: d/dw = scale * d/d(scale w).
+    The same numbers up to float rounding (``tests/test_nn.py``); the deployment trick
+    inference engines call "BN folding".  Otherwise (batch statistics in training) the two
+    layers run one after the other."""
+    affine = norm.fixed_affine() if isinstance(conv, Conv2d) else None
+    if affine is None:
+        return norm(conv(x))
+    scale, shift = affine
+    weight = conv.weight * scale.astype(conv.weight.dtype).reshape(-1, 1, 1, 1)
+    bias = shift.astype(conv.weight.dtype)
+    if conv.bias is not None:
+        bias = conv.bias * scale.astype(conv.weight.dtype) + bias
+    return F.conv2d(x, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
 
 
 class ReLU(Module):
