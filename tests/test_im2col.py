@@ -16,6 +16,9 @@ CASES = [
     ((1, 2, 11, 10), (7, 7), (2, 2), (3, 3), (1, 1)),   # the ResNet stem's 7x7/2
     ((2, 2, 3, 3), (3, 3), (3, 3), (4, 4), (1, 1)),     # whole output rows and columns in the padding
     ((1, 2, 6, 5), (2, 2), (2, 2), (0, 0), (1, 1)),     # the mask head's deconv geometry
+    ((2, 3, 4, 14), (3, 3), (1, 1), (1, 1), (1, 1)),    # "same" convs (the one-copy path) ...
+    ((1, 2, 3, 3), (3, 3), (1, 1), (4, 4), (4, 4)),     # ... whose dilated taps miss the image
+    ((1, 2, 5, 4), (5, 3), (1, 1), (1, 1), (1, 1)),     # ... "same" in width only
 ]
 
 
