@@ -202,6 +202,43 @@ def _col2im_numba(cols, kh, kw, sh, sw, ph, pw, dh, dw, u0, u1, wo, gx):
                             gf[dst + v * step] += cf[src + v]
 
 
+# col2im has the same shortcut for a "same" convolution: one flat shifted add per (c, i, j)
+# block.  The entries that would wrap round a row's end belong to the padding and must add
+# nothing, so they are first set to zero in ``cols`` (scratch: the callers' cols is the fresh
+# product W2^T gY); adding 0 leaves a pixel's bits as they are, and the blocks are added in
+# the loop's (c, i, j) order, so the sums are the same bits as the loop above.
+@njit(cache=True)
+def _col2im_same_numba(cols, kh, kw, ph, pw, dh, dw, u0, u1, gx):
+    m, c, h, w = gx.shape
+    cf, gf = cols.reshape(-1), gx.reshape(-1)
+    rows = u1 - u0
+    row_len = rows * w
+    for t in range(m * c):
+        for i in range(kh):
+            shift_y = i * dh - ph
+            ua = max(u0, -shift_y)
+            ub = min(u1, h - shift_y)
+            if ub <= ua:
+                continue
+            for j in range(kw):
+                o = uint64(((t * kh + i) * kw + j) * row_len)
+                shift_x = j * dw - pw
+                v0, v1 = _valid_columns(j, w, 1, pw, dw, w)
+                for u in range(ua - u0, ub - u0):
+                    r = o + uint64(u * w)
+                    for v in range(uint64(v0)):
+                        cf[r + v] = 0
+                    for v in range(uint64(v1), uint64(w)):
+                        cf[r + v] = 0
+                first = max(0, -shift_x)
+                last = (ub - ua) * w - max(0, shift_x)
+                if last > first:
+                    src = o + uint64((ua - u0) * w + first)
+                    dst = uint64(t * h * w + (ua + shift_y) * w + first + shift_x)
+                    for q in range(uint64(last - first)):
+                        gf[dst + q] += cf[src + q]
+
+
 def im2col_rows(x, kernel, stride, padding, dilation, u0, u1, wo, out=None):
     """Columns (m, C kh kw, (u1 - u0) Wo) of output rows u0:u1 of x (m, C, H, W), a NumPy array.
 
@@ -219,8 +256,12 @@ def im2col_rows(x, kernel, stride, padding, dilation, u0, u1, wo, out=None):
 
 def col2im_rows_add(gx, cols, kernel, stride, padding, dilation, u0, u1, wo):
     """gx (m, C, H, W) += col2im of the columns (m, C kh kw, (u1 - u0) Wo) of output rows u0:u1
-    (gx must be a C-contiguous NumPy array; it is changed in place)."""
+    (gx must be a C-contiguous NumPy array; it is changed in place).  For a "same" convolution
+    ``cols`` is used as scratch: its entries that fall in the padding are set to zero."""
     (kh, kw), (sh, sw), (ph, pw), (dh, dw) = kernel, stride, padding, dilation
     if not gx.flags.c_contiguous:
         raise ValueError("col2im_rows_add: gx must be C-contiguous (it is written in place)")
-    _col2im_numba(np.ascontiguousarray(cols), kh, kw, sh, sw, ph, pw, dh, dw, u0, u1, wo, gx)
+    if sh == sw == 1 and wo == gx.shape[3]:
+        _col2im_same_numba(np.ascontiguousarray(cols), kh, kw, ph, pw, dh, dw, u0, u1, gx)
+    else:
+        _col2im_numba(np.ascontiguousarray(cols), kh, kw, sh, sw, ph, pw, dh, dw, u0, u1, wo, gx)
