@@ -71,8 +71,9 @@ def test_bench_train_cli_prints_and_writes_json(tmp_path, capsys):
     _check_side(r["infer"]["minimask"])
     assert len(r["train"]["minimask"]["wall_all_ms"]) == 1
     assert np.isfinite(r["train"]["loss_first"]) and np.isfinite(r["train"]["loss_last"])
+    assert {"backbone.body", "rpn", "roi_heads.mask_head", "rest"} <= set(r["infer"]["minimask"]["stages_ms"])
     for text in ("sgemm", "training step, 2 images 64x64", "inference, one 64x64 image", "GFLOP/s",
-                 f"wrote {out}"):
+                 "inference by stage", f"wrote {out}"):
         assert text in printed
     tv = r["torchvision"]
     if tv["available"]:  # torchvision's compiled operators run here: both sides, and their ratio
@@ -84,6 +85,45 @@ def test_bench_train_cli_prints_and_writes_json(tmp_path, capsys):
     else:  # no torch, or stand-in operators (the tests' tv_shim): said, and minimask's side only
         assert tv["problem"] and f"no torchvision side: {tv['problem']}" in printed
         assert "torchvision" not in r["train"] and "ratio_wall" not in r["train"]
+
+
+def test_stage_times_time_the_shared_submodules_and_undo_it():
+    """stage_times records each STAGES submodule's calls (inside the whole call's time) and
+    leaves the model as it was; on torchvision's mirror through forward hooks, removed after."""
+    import time
+
+    from minimask.bench.train import STAGES, stage_summary, stage_times
+    from minimask.models import build_model
+    from minimask.models.config import override
+
+    cfg = override(preset("shapes"), TINY)
+    model = build_model(cfg)
+    (images, _), = shapes_batches(1, 1, (64, 64))
+    calls, totals = [], []
+    for _ in range(2):
+        with stage_times(model, {}) as seconds:
+            t0 = time.perf_counter()
+            model.predict(images)
+            totals.append(time.perf_counter() - t0)
+        calls.append(seconds)
+    assert {"backbone.body", "backbone.fpn", "rpn", "roi_heads.box_head"} <= set(seconds) <= set(STAGES)
+    assert all(v > 0 for v in seconds.values()) and sum(seconds.values()) < totals[-1]
+    assert "forward" not in model.backbone.body.__dict__  # unwrapped, and the poolers put back
+    assert type(model.roi_heads.box_roi_pool).__name__ == "MultiScaleRoIAlign"
+    summary = stage_summary(calls, totals)
+    assert summary["rest"] > 0 and summary["backbone.body"] > 0
+
+    from test_interop_training import torchvision_or_skip
+
+    tv = torchvision_or_skip()
+    import torch
+
+    from minimask.bench.torch_side import build_mirror
+    mirror = build_mirror(torch, tv, cfg).eval()
+    with stage_times(mirror, {}) as seconds, torch.no_grad():
+        mirror([torch.zeros(3, 64, 64)])
+    assert {"backbone.body", "backbone.fpn", "rpn", "roi_heads.box_head"} <= set(seconds)
+    assert not mirror.backbone.body._forward_hooks and not mirror.backbone.body._forward_pre_hooks
 
 
 def test_bench_train_refuses_keypoint_configs():

@@ -11,15 +11,20 @@ prints, for a training step and for inference on one image:
   forward + backward) and the GFLOP/s each side achieved on them;
 - this machine's single-precision matrix-product rate, measured in the same run (NumPy float32
   1024x1024 matmul, the BLAS the convolutions use): how far the step is from the arithmetic
-  limit, and a yardstick to compare machines by.
+  limit, and a yardstick to compare machines by;
+- inference by stage: the median time of each submodule both models have under the same name
+  (``STAGES``: ResNet body, FPN, RPN, the RoI heads' poolers, heads and predictors), and the
+  rest, so that a ratio can be traced to the part of the network it comes from.
 
 The batches are the synthetic shapes (``data/shapes.py``) drawn at the config's training size,
 square when its shorter and longer sides are equal (``shapes``: 128x128), otherwise 3:4 (the
 shape of most COCO images: 800x1067 for ``r50_fpn``); ``--set batch_size=N`` changes the
 batch.  Both sides take turns step by step (so load from other processes falls on both alike),
 each side's steps are timed after two warm-up steps (Numba compiles, caches fill), wall time
-and CPU time of the process (all its threads), medians.  The optimizer is SGD with momentum at
-a small constant learning rate: the step's work, not the training, is what is measured.
+and CPU time of the process (all its threads), medians; each timed call starts after a
+``SETTLE_S`` pause, so that the other side's thread pools have stopped spinning.  The
+optimizer is SGD with momentum at a small constant learning rate: the step's work, not the
+training, is what is measured.
 
 torch and torchvision are optional (``torch_side.load``): without them, or where torchvision's
 compiled operators do not load (a CUDA build of torchvision next to a CPU-only torch), only
@@ -153,6 +158,73 @@ class Clock:
             out["gflop"] = gflop
             out["gflops_per_s"] = gflop / wall
         return out
+
+
+# The parts of inference timed one by one: submodules both models have under the same names
+# (the mirror is built that way).  What is left of the total ("the rest") is the model's own
+# code between them: the input transform, the RPN's and the box head's decoding and NMS, the
+# mask pasting and the post-processing.
+STAGES = ("backbone.body", "backbone.fpn", "rpn", "roi_heads.box_roi_pool", "roi_heads.box_head",
+          "roi_heads.box_predictor", "roi_heads.mask_roi_pool", "roi_heads.mask_head",
+          "roi_heads.mask_predictor")
+
+
+def _timed(fn, name, seconds):
+    def timed(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+    return timed
+
+
+@contextlib.contextmanager
+def stage_times(model, seconds):
+    """While active, each call of a ``STAGES`` submodule of ``model`` (minimask's or
+    torchvision's) adds its wall time to ``seconds[name]``.  torch's modules get forward hooks;
+    minimask's Modules call ``self.forward``, which an instance attribute wraps; its other
+    callables (the poolers) are swapped for a timed stand-in.  All undone on exit."""
+    from ..nn import Module
+
+    undo = []
+    for name in STAGES:
+        *path, leaf = name.split(".")
+        parent = model
+        for part in path:
+            parent = getattr(parent, part, None)
+        module = getattr(parent, leaf, None)
+        if module is None:
+            continue
+        if hasattr(module, "register_forward_hook"):  # torch.nn.Module
+            def pre(mod, args):
+                mod._bench_t0 = time.perf_counter()
+
+            def post(mod, args, out, name=name):
+                seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - mod._bench_t0
+            undo += [module.register_forward_pre_hook(pre).remove, module.register_forward_hook(post).remove]
+        elif isinstance(module, Module):
+            module.forward = _timed(module.forward, name, seconds)
+            undo.append(lambda module=module: delattr(module, "forward"))
+        else:
+            object.__setattr__(parent, leaf, _timed(module, name, seconds))
+            undo.append(lambda parent=parent, leaf=leaf, module=module: object.__setattr__(parent, leaf, module))
+    try:
+        yield seconds
+    finally:
+        for u in undo:
+            u()
+
+
+def stage_summary(per_call, totals):
+    """Median ms per stage over the timed calls, and "rest": the total less the stages."""
+    out = {}
+    for name in STAGES:
+        values = [call.get(name, 0.0) for call in per_call]
+        if any(values):
+            out[name] = 1e3 * statistics.median(values)
+    out["rest"] = 1e3 * statistics.median([t - sum(call.values()) for call, t in zip(per_call, totals)])
+    return out
 
 
 # ---------------------------------------------------------------- torchvision's side
@@ -301,21 +373,28 @@ def run(config="shapes", repeat=10, overrides=(), json_path=None, with_torch=Tru
     images = [im for b in shapes_batches(WARMUP + repeat, 1, size, seed=1) for im in b[0]]
     t_images = [theirs.inputs([im])[0] for im in images] if theirs else None
     ours_clock, theirs_clock, image_macs, found = Clock(), Clock(), [], [[], []]
+    stages = [[], []]  # per timed call: {stage: seconds}, minimask's and torchvision's
     for i, image in enumerate(images):
         timed = i >= WARMUP
-        with flops.counting() as count:
+        with flops.counting() as count, stage_times(ours, {}) as seconds:
             dets = ours_clock(ours.predict, [image]) if timed else ours.predict([image])
         found[0].append(len(dets[0]["boxes"]))
         if timed:
             image_macs.append(count.macs)
+            stages[0].append(seconds)
         if theirs is not None:
             predict = theirs_clock if timed else (lambda fn, *args: fn(*args))
-            found[1].append(predict(theirs.predict, t_images[i]))
+            with stage_times(theirs.model, {}) as seconds:
+                found[1].append(predict(theirs.predict, t_images[i]))
+            if timed:
+                stages[1].append(seconds)
     gflop = flops.forward_gflop(statistics.median(image_macs))
     infer = dict(minimask=ours_clock.summary(gflop), detections=found[0])
+    infer["minimask"]["stages_ms"] = stage_summary(stages[0], ours_clock.wall)
     if theirs is not None:
         infer["torchvision"] = theirs_clock.summary(gflop)
         infer["torchvision"]["detections"] = found[1]
+        infer["torchvision"]["stages_ms"] = stage_summary(stages[1], theirs_clock.wall)
         infer["ratio_wall"] = _ratio(infer["minimask"], infer["torchvision"], "wall_ms")
         infer["ratio_cpu"] = _ratio(infer["minimask"], infer["torchvision"], "cpu_ms")
     results["infer"] = infer
@@ -342,6 +421,12 @@ def _print(results, log):
                   if t else f"{'-':>18s} {'-':>8s} {'-':>6s}")
         log(f"{name:36s} {m['gflop']:7.2f} {m['wall_ms']:8.1f} ({m['cpu_ms']:7.1f}) {m['gflops_per_s']:8.1f} "
             + theirs)
+    ours, theirs = results["infer"]["minimask"]["stages_ms"], results["infer"].get("torchvision")
+    theirs = theirs["stages_ms"] if theirs else {}
+    log("inference by stage, median ms per image (the same submodules on both sides):")
+    for name, ms in ours.items():
+        t = theirs.get(name)
+        log(f"  {name:28s} {ms:8.2f}" + (f" {t:8.2f} {ms / t:6.2f}" if t else ""))
     s = results["sgemm_gflops"]
     m = results["train"]["minimask"]
     log(f"minimask's step runs at {100 * m['gflops_per_s'] / s:.0f}% of the sgemm rate "
