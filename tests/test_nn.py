@@ -258,7 +258,8 @@ def _random_norm(norm, rng):
 
 def _conv_norm_pair(norm_kind, bias, rng):
     conv = nn.Conv2d(3, 4, 3, stride=2, padding=1, bias=bias).astype(np.float64)
-    norm = (nn.FrozenBatchNorm2d(4, eps=1e-3) if norm_kind == "frozen" else nn.BatchNorm2d(4)).astype(np.float64)
+    norm = nn.FrozenBatchNorm2d(4, eps=1e-3) if norm_kind == "frozen" else nn.BatchNorm2d(4)
+    norm = norm.astype(np.float64)
     return conv, _random_norm(norm, rng)
 
 

@@ -208,7 +208,7 @@ def stage_times(model, seconds):
             undo.append(lambda module=module: delattr(module, "forward"))
         else:
             object.__setattr__(parent, leaf, _timed(module, name, seconds))
-            undo.append(lambda parent=parent, leaf=leaf, module=module: object.__setattr__(parent, leaf, module))
+            undo.append(lambda p=parent, leaf=leaf, m=module: object.__setattr__(p, leaf, m))
     try:
         yield seconds
     finally:

@@ -5,7 +5,16 @@
 """
 
 from . import init
-from .layers import BatchNorm2d, Conv2d, ConvTranspose2d, FrozenBatchNorm2d, Linear, MaxPool2d, ReLU, conv_norm
+from .layers import (
+           BatchNorm2d,
+           Conv2d,
+           ConvTranspose2d,
+           FrozenBatchNorm2d,
+           Linear,
+           MaxPool2d,
+           ReLU,
+           conv_norm,
+)
 from .module import (
            Module,
            ModuleList,
@@ -18,5 +27,5 @@ from .module import (
 )
 
 __all__ = ["Module", "Parameter", "Sequential", "ModuleList", "Conv2d", "ConvTranspose2d", "Linear",
-           "BatchNorm2d", "FrozenBatchNorm2d", "conv_norm", "ReLU", "MaxPool2d", "init", "save_npz", "load_npz",
-           "atomic_write", "state_dict_problems"]
+           "BatchNorm2d", "FrozenBatchNorm2d", "conv_norm", "ReLU", "MaxPool2d", "init", "save_npz",
+           "load_npz", "atomic_write", "state_dict_problems"]
