@@ -8,7 +8,7 @@ from minimask import Tensor, gradcheck
 from minimask.backend import to_device
 from minimask.functional import conv as conv_module
 from minimask.functional import conv2d, conv_transpose2d, max_pool2d
-from minimask.functional.conv import CHUNK_BYTES, Conv2dFn, col2im, im2col
+from minimask.functional.conv import CHUNK_BYTES, MIN_GEMM_COLUMNS, Conv2dFn, col2im, im2col
 
 
 def _pair(v):
@@ -130,11 +130,28 @@ def test_conv2d_without_bias_gradcheck(columns, rng):
     assert gradcheck(lambda x, w: conv2d(x, w, stride=2, padding=1), [x, w])
 
 
+def test_chunks_keep_a_minimum_of_gemm_columns(monkeypatch):
+    """Tall columns (many channels) get chunks of at least MIN_GEMM_COLUMNS output pixels, so
+    the GEMMs stay wide; short ones keep the CHUNK_BYTES budget; every pixel is covered once."""
+    from minimask.functional.conv import ConvGeometry, column_chunks
+
+    monkeypatch.setitem(CHUNK_BYTES, "cpu", 2 * 2**20)
+    monkeypatch.setitem(MIN_GEMM_COLUMNS, "cpu", 1024)
+    g = ConvGeometry((200, 272), (3, 3), (1, 1), (1, 1), (1, 1))
+    tall = list(column_chunks(1, g, 256, 4, "cpu"))  # C kh kw = 2304: 1 row of 272 in 2 MiB
+    assert [(u0, u1) for _, _, u0, u1 in tall] == [(u0, min(200, u0 + 4)) for u0 in range(0, 200, 4)]
+    assert all((u1 - u0) * g.wo >= 1024 for _, _, u0, u1 in tall)  # 4 rows: 1088 pixels
+    short = list(column_chunks(1, g, 16, 4, "cpu"))  # C kh kw = 144: the 2 MiB decide
+    rows = (2 * 2**20) // (16 * 9 * 272 * 4)
+    assert [(u0, u1) for _, _, u0, u1 in short] == [(u0, min(200, u0 + rows)) for u0 in range(0, 200, rows)]
+
+
 @pytest.mark.parametrize("budget", [1, 2000, 13000])  # bands of 1 row, of 2 rows; 2 images a chunk
 @pytest.mark.parametrize("stride", [1, 2])
 def test_conv2d_in_chunks(columns, rng, monkeypatch, budget, stride):
     """Columns built a chunk at a time (images or bands of rows) give the same conv and gradients."""
     monkeypatch.setitem(CHUNK_BYTES, "cpu", budget)
+    monkeypatch.setitem(MIN_GEMM_COLUMNS, "cpu", 0)  # the budget alone sets the chunks
     x, w, b = t64(rng, 3, 2, 7, 6), t64(rng, 3, 2, 3, 3), t64(rng, 3)
     y = conv2d(x, w, b, stride=stride, padding=1)
     np.testing.assert_allclose(y.data, loop_conv2d(x.data, w.data, b.data, stride, 1), rtol=1e-10, atol=1e-10)
@@ -147,6 +164,7 @@ def test_conv2d_in_chunks(columns, rng, monkeypatch, budget, stride):
 def test_column_loops_and_slices_give_the_same_bits(rng, monkeypatch, budget):
     """The Numba loops only copy and add in the slice copies' order: float32 results are identical."""
     monkeypatch.setitem(CHUNK_BYTES, "cpu", budget)
+    monkeypatch.setitem(MIN_GEMM_COLUMNS, "cpu", 0)
     x = rng.standard_normal((3, 8, 13, 11)).astype(np.float32)
     w = rng.standard_normal((6, 8, 3, 3)).astype(np.float32)
     gy = rng.standard_normal((3, 6, 7, 6)).astype(np.float32)

@@ -188,12 +188,20 @@ def _scatter_add(gxpad, cols, g, u0, u1):
 # them, and freed buffers are reused instead of fresh pages.  On the GPU, bigger chunks keep
 # the GEMMs large.
 CHUNK_BYTES = {"cpu": 2 * 2**20, "gpu": 512 * 2**20}
+# ... but a band of rows has at least this many output pixels (the GEMM's N), however tall
+# the columns: with 2 MiB alone, FPN's 3x3 conv on 256 channels (C kh kw = 2304) got bands of
+# one 272-pixel row of P2, narrow GEMMs; with at least 1024 pixels the 256- and 512-channel
+# 3x3 convs of r50_fpn took 10-30% less time (measured on 2 cores, AVX-512).  The shapes
+# model's convs are whole images or bands of well over 1024 pixels anyway.  (Whole-image
+# chunks are one GEMM per image, so more images per chunk would not widen them.)
+MIN_GEMM_COLUMNS = {"cpu": 1024, "gpu": 0}
 
 
 def column_chunks(n, g, channels, itemsize, device):
     """(n0, n1, u0, u1) blocks of images n0:n1 and output rows u0:u1 covering the output of a
     conv of geometry ``g`` over ``n`` images of ``channels`` channels, each block's columns at
-    most ``CHUNK_BYTES[device]`` (``device`` "cpu" or "gpu"; a single output row may exceed it).
+    most ``CHUNK_BYTES[device]`` (``device`` "cpu" or "gpu"), except that a band of rows has
+    at least ``MIN_GEMM_COLUMNS[device]`` output pixels (and a single row may exceed it).
 
     The conv products below build their columns in these blocks; ``minimask bench memory``
     reads them to size the largest column buffer of a step."""
@@ -206,8 +214,8 @@ def column_chunks(n, g, channels, itemsize, device):
         step = max(1, budget // (g.ho * row_bytes))
         for n0 in range(0, n, step):
             yield n0, min(n, n0 + step), 0, g.ho
-    else:  # bands of rows of one image
-        step = max(1, budget // row_bytes)
+    else:  # bands of rows of one image, at least MIN_GEMM_COLUMNS pixels each
+        step = max(1, budget // row_bytes, -(-MIN_GEMM_COLUMNS[device] // g.wo))
         for b in range(n):
             for u0 in range(0, g.ho, step):
                 yield b, b + 1, u0, min(g.ho, u0 + step)
