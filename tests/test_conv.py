@@ -136,11 +136,11 @@ def test_chunks_keep_a_minimum_of_gemm_columns(monkeypatch):
     from minimask.functional.conv import ConvGeometry, column_chunks
 
     monkeypatch.setitem(CHUNK_BYTES, "cpu", 2 * 2**20)
-    monkeypatch.setitem(MIN_GEMM_COLUMNS, "cpu", 1024)
+    monkeypatch.setitem(MIN_GEMM_COLUMNS, "cpu", 512)
     g = ConvGeometry((200, 272), (3, 3), (1, 1), (1, 1), (1, 1))
     tall = list(column_chunks(1, g, 256, 4, "cpu"))  # C kh kw = 2304: 1 row of 272 in 2 MiB
-    assert [(u0, u1) for _, _, u0, u1 in tall] == [(u0, min(200, u0 + 4)) for u0 in range(0, 200, 4)]
-    assert all((u1 - u0) * g.wo >= 1024 for _, _, u0, u1 in tall)  # 4 rows: 1088 pixels
+    assert [(u0, u1) for _, _, u0, u1 in tall] == [(u0, u0 + 2) for u0 in range(0, 200, 2)]
+    assert all((u1 - u0) * g.wo >= 512 for _, _, u0, u1 in tall)  # 2 rows: 544 pixels
     short = list(column_chunks(1, g, 16, 4, "cpu"))  # C kh kw = 144: the 2 MiB decide
     rows = (2 * 2**20) // (16 * 9 * 272 * 4)
     assert [(u0, u1) for _, _, u0, u1 in short] == [(u0, min(200, u0 + rows)) for u0 in range(0, 200, rows)]

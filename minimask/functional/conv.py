@@ -190,11 +190,12 @@ def _scatter_add(gxpad, cols, g, u0, u1):
 CHUNK_BYTES = {"cpu": 2 * 2**20, "gpu": 512 * 2**20}
 # ... but a band of rows has at least this many output pixels (the GEMM's N), however tall
 # the columns: with 2 MiB alone, FPN's 3x3 conv on 256 channels (C kh kw = 2304) got bands of
-# one 272-pixel row of P2, narrow GEMMs; with at least 1024 pixels the 256- and 512-channel
-# 3x3 convs of r50_fpn took 10-30% less time (measured on 2 cores, AVX-512).  The shapes
-# model's convs are whole images or bands of well over 1024 pixels anyway.  (Whole-image
-# chunks are one GEMM per image, so more images per chunk would not widen them.)
-MIN_GEMM_COLUMNS = {"cpu": 1024, "gpu": 0}
+# one 272-pixel row of P2, narrow GEMMs; with at least 512 pixels the 256- and 512-channel
+# 3x3 convs of r50_fpn took 10-20% less time (measured on 2 cores, AVX-512; 1024 gained no
+# more).  The shapes model's bands have 896 pixels or more, so its chunks, and its bits, are
+# as before.  (Whole-image chunks are one GEMM per image, so more images per chunk would not
+# widen them.)
+MIN_GEMM_COLUMNS = {"cpu": 512, "gpu": 0}
 
 
 def column_chunks(n, g, channels, itemsize, device):
