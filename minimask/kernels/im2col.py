@@ -134,18 +134,40 @@ def _im2col_numba(x, kh, kw, sh, sw, ph, pw, dh, dw, u0, u1, wo, cols):
 # are overwritten with the zeros they should be (the columns v < v0 and v >= v1), and the
 # rows above and below the image are zeroed.  The same bits as the loop above, which on the
 # shapes model's 4-32 pixel rows spends most of its time starting and ending rows.
+@njit(cache=True, inline="always")
+def _rows_inside(i, dh, ph, u0, u1, h):
+    """Kernel row i's shift d i - p, and the output rows ua <= u < ub (within u0:u1) whose
+    input row u + d i - p lies inside [0, h)."""
+    shift_y = i * dh - ph
+    return shift_y, max(u0, -shift_y), min(u1, h - shift_y)
+
+
+@njit(cache=True, inline="always")
+def _flat_span(ua, ub, w, shift_x):
+    """The part [first, last) of the flat block of rows ua:ub whose shifted reads start and end
+    inside the plane: the flat copy (or add) runs over it, the wrapped entries are fixed apart."""
+    return max(0, -shift_x), (ub - ua) * w - max(0, shift_x)
+
+
+@njit(cache=True, inline="always")
+def _zero_wrapped(cf, o, r0, r1, w, v0, v1):
+    """Zero the columns v < v0 and v >= v1 of block rows r0:r1 (those that read the padding)."""
+    for u in range(r0, r1):
+        r = o + uint64(u * w)
+        for v in range(uint64(v0)):
+            cf[r + v] = 0
+        for v in range(uint64(v1), uint64(w)):
+            cf[r + v] = 0
+
+
 @njit(cache=True)
 def _im2col_same_numba(x, kh, kw, ph, pw, dh, dw, u0, u1, cols):
     m, c, h, w = x.shape  # here Wo == W and the stride is 1
     xf, cf = x.reshape(-1), cols.reshape(-1)
-    rows = u1 - u0
-    row_len = rows * w
+    row_len = (u1 - u0) * w
     for t in range(m * c):
         for i in range(kh):
-            # output rows whose input row u + d i - p lies inside [0, h): ua <= u < ub
-            shift_y = i * dh - ph
-            ua = max(u0, -shift_y)
-            ub = min(u1, h - shift_y)
+            shift_y, ua, ub = _rows_inside(i, dh, ph, u0, u1, h)
             for j in range(kw):
                 o = uint64(((t * kh + i) * kw + j) * row_len)
                 if ub <= ua:
@@ -156,22 +178,15 @@ def _im2col_same_numba(x, kh, kw, ph, pw, dh, dw, u0, u1, cols):
                     cf[o + q] = 0
                 shift_x = j * dw - pw
                 # one copy: dst (u - u0) w + v  <-  src (u + shift_y) w + v + shift_x, for
-                # ua <= u < ub and all v (the wrapped v are fixed below); the copy starts at the
-                # first v that reads inside the plane and stops after the last one
-                first = max(0, -shift_x)
-                last = (ub - ua) * w - max(0, shift_x)
+                # ua <= u < ub and all v (the wrapped v are zeroed after)
+                first, last = _flat_span(ua, ub, w, shift_x)
                 dst = o + uint64((ua - u0) * w + first)
                 src = uint64(t * h * w + (ua + shift_y) * w + first + shift_x)
                 if last > first:  # (not when a dilated window reaches wholly past the sides)
                     for q in range(uint64(last - first)):
                         cf[dst + q] = xf[src + q]
                 v0, v1 = _valid_columns(j, w, 1, pw, dw, w)
-                for u in range(ua - u0, ub - u0):  # the wrapped entries, and the ends left out
-                    r = o + uint64(u * w)
-                    for v in range(uint64(v0)):
-                        cf[r + v] = 0
-                    for v in range(uint64(v1), uint64(w)):
-                        cf[r + v] = 0
+                _zero_wrapped(cf, o, ua - u0, ub - u0, w, v0, v1)
                 for q in range(uint64((ub - u0) * w), uint64(row_len)):  # rows below
                     cf[o + q] = 0
 
@@ -211,27 +226,18 @@ def _col2im_numba(cols, kh, kw, sh, sw, ph, pw, dh, dw, u0, u1, wo, gx):
 def _col2im_same_numba(cols, kh, kw, ph, pw, dh, dw, u0, u1, gx):
     m, c, h, w = gx.shape
     cf, gf = cols.reshape(-1), gx.reshape(-1)
-    rows = u1 - u0
-    row_len = rows * w
+    row_len = (u1 - u0) * w
     for t in range(m * c):
         for i in range(kh):
-            shift_y = i * dh - ph
-            ua = max(u0, -shift_y)
-            ub = min(u1, h - shift_y)
+            shift_y, ua, ub = _rows_inside(i, dh, ph, u0, u1, h)
             if ub <= ua:
                 continue
             for j in range(kw):
                 o = uint64(((t * kh + i) * kw + j) * row_len)
                 shift_x = j * dw - pw
                 v0, v1 = _valid_columns(j, w, 1, pw, dw, w)
-                for u in range(ua - u0, ub - u0):
-                    r = o + uint64(u * w)
-                    for v in range(uint64(v0)):
-                        cf[r + v] = 0
-                    for v in range(uint64(v1), uint64(w)):
-                        cf[r + v] = 0
-                first = max(0, -shift_x)
-                last = (ub - ua) * w - max(0, shift_x)
+                _zero_wrapped(cf, o, ua - u0, ub - u0, w, v0, v1)
+                first, last = _flat_span(ua, ub, w, shift_x)
                 if last > first:
                     src = o + uint64((ua - u0) * w + first)
                     dst = uint64(t * h * w + (ua + shift_y) * w + first + shift_x)
