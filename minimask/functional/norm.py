@@ -173,12 +173,9 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training=Fa
 
 
 def batch_norm_affine(mean, var, weight, bias, eps=1e-5):
-    """(scale, shift) arrays of a batch norm with fixed statistics: y = x * scale + shift, with
-    scale = weight / sqrt(var + eps) and shift = bias - mean * scale (Tensors or arrays in)."""
-    mean, var, weight, bias = (_array(v) for v in (mean, var, weight, bias))
-    xp = get_array_module(var)
-    mean, weight, bias = (xp.asarray(v) for v in (mean, weight, bias))
-    scale = weight / xp.sqrt(var + eps)
+    """(scale, shift) arrays of a batch norm with fixed statistics (arrays on one device):
+    y = x * scale + shift, with scale = weight / sqrt(var + eps), shift = bias - mean * scale."""
+    scale = weight / get_array_module(var).sqrt(var + eps)
     return scale, bias - mean * scale
 
 

@@ -124,8 +124,8 @@ class BatchNorm2d(Module):
         wants_grad = is_grad_enabled() and (self.weight.requires_grad or self.bias.requires_grad)
         if self.training or wants_grad:
             return None
-        return F.batch_norm_affine(self.running_mean, self.running_var, self.weight.data, self.bias.data,
-                                   self.eps)
+        stats = self.running_mean, self.running_var
+        return F.batch_norm_affine(*stats, self.weight.data, self.bias.data, self.eps)
 
     def extra_repr(self):
         return f"{self.num_features}, eps={self.eps}, momentum={self.momentum}"
@@ -174,11 +174,9 @@ def conv_norm(conv, norm, x):
     affine = norm.fixed_affine() if isinstance(conv, Conv2d) else None
     if affine is None:
         return norm(conv(x))
-    scale, shift = affine
-    weight = conv.weight * scale.astype(conv.weight.dtype).reshape(-1, 1, 1, 1)
-    bias = shift.astype(conv.weight.dtype)
-    if conv.bias is not None:
-        bias = conv.bias * scale.astype(conv.weight.dtype) + bias
+    scale, shift = (a.astype(conv.weight.dtype) for a in affine)
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else conv.bias * scale + shift
     return F.conv2d(x, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
 
 
