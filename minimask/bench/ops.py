@@ -1,8 +1,9 @@
 """Time conv2d forward+backward at the shapes Mask R-CNN uses, next to PyTorch.
 
 ``minimask bench ops [--device cpu|gpu] [--repeat 5]`` prints, for each shape, the median
-time of one forward and backward through minimask's conv2d (both methods: im2col + GEMM, the
-default, and shift-and-GEMM; see ``minimask/functional/conv.py``), torch's time for the same
+time of one forward and backward through minimask's conv2d by each method (im2col + GEMM,
+shift-and-GEMM, and Winograd's F(2x2, 3x3) where it applies; ``minimask/functional/conv.py``
+and ``winograd.py``), torch's time for the same
 computation where torch is importable, and the ratio ours / torch.
 
 On the CPU torch is limited to as many threads as NumPy's BLAS uses, so that both get the
@@ -16,6 +17,7 @@ import numpy as np
 
 from ..backend import gpu_available, to_device
 from ..functional.conv import Conv2dFn
+from ..functional.winograd import applies as winograd_applies
 from ..tensor import Tensor
 from .timing import medians_ms
 
@@ -25,6 +27,8 @@ CASES = [
     ("fpn 3x3", 2, 256, 64, 256, 3, 1, 1),
     ("1x1", 2, 256, 64, 256, 1, 1, 0),
     ("3x3 stride 2", 2, 256, 64, 256, 3, 2, 1),
+    ("mask head 3x3", 100, 256, 14, 256, 3, 1, 1),
+    ("shapes mask head 3x3", 40, 32, 14, 32, 3, 1, 1),
 ]
 
 
@@ -90,20 +94,21 @@ def main(device="cpu", repeat=5):
         print(f"CPU, {threads} BLAS thread(s){with_torch}")
     print(f"conv2d forward+backward, float32, median of {repeat} (ms)")
     torch_head = f" {'torch':>8s} {'im2col/torch':>13s}" if torch else ""
-    print(f"{'shape':44s} {'im2col':>8s} {'shift':>8s}{torch_head}")
+    print(f"{'shape':44s} {'im2col':>8s} {'shift':>8s} {'winograd':>8s}{torch_head}")
     rng = np.random.default_rng(0)
     for label, n, c, h, o, k, s, p in CASES:
         ho = (h + 2 * p - k) // s + 1
         arrays = [rng.standard_normal(shape).astype(np.float32)
                   for shape in ((n, c, h, h), (o, c, k, k), (o,), (n, o, ho, ho))]
-        steps = [(_ours(arrays, s, p, "im2col", device), sync), (_ours(arrays, s, p, "shift", device), sync)]
+        wino = device == "cpu" and winograd_applies((o, c, k, k), (s, s), (p, p), (1, 1))
+        steps = [(_ours(arrays, s, p, m, device), sync) for m in ("im2col", "shift") + (("winograd",) * wino)]
         if torch is not None:
             steps.append((_torch(torch, arrays, s, p, device), torch_sync))
         times = medians_ms(steps, repeat)
         name = f"{label}: N={n} C={c} {h}x{h} -> {o}, {k}x{k}/{s}"
-        row = f"{name:44s} {times[0]:8.1f} {times[1]:8.1f}"
+        row = f"{name:44s} {times[0]:8.1f} {times[1]:8.1f} " + (f"{times[2]:8.1f}" if wino else f"{'-':>8s}")
         if torch is not None:
-            row += f" {times[2]:8.1f} {times[0] / times[2]:13.2f}"
+            row += f" {times[-1]:8.1f} {times[0] / times[-1]:13.2f}"
         print(row)
 
 

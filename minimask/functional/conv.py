@@ -76,6 +76,7 @@ from ..backend import device_of, get_array_module, is_cupy_array
 from ..kernels.im2col import col2im_rows_add, im2col_rows
 from ..kernels.maxpool import max_pool_backward, max_pool_forward
 from ..tensor import Function
+from . import winograd
 
 
 # ---- argument checks ----------------------------------------------------------------------
@@ -355,22 +356,55 @@ def _record(kind, x_shape, w_shape, stride, padding, dilation, g, out_shape, dty
 
 
 # ---- conv2d --------------------------------------------------------------------------------
+# Where ``method="auto"`` (the default) uses Winograd's F(2x2, 3x3) (``winograd.py``) instead
+# of im2col: on the CPU, for a 3x3 stride-1 conv with at least this many input and output
+# channels (forward; backward, for its two products) over at least WINOGRAD_AUTO_MIN_TILES
+# 2x2 output tiles in all.  Narrower or smaller convs lose: their 16 GEMMs have a short inner
+# dimension and few columns, and the tile transforms cost as much as the products save (on a
+# 2-core AVX-512 machine, the shapes model's convs, 16 to 64 channels, took 1.1 to 4 times
+# im2col's time by Winograd; r50_fpn's 256-channel convs on P2-P4, 0.65 to 0.9).  So the
+# shapes model stays on im2col, bit for bit, and r50_fpn's wide convs move.
+WINOGRAD_AUTO_MIN_CHANNELS = {"forward": 128, "backward": 256}
+WINOGRAD_AUTO_MIN_TILES = 512
+METHODS = ("auto", "im2col", "shift", "winograd")
+
+
+def uses_winograd(method, x, w_shape, stride, padding, dilation, product="forward"):
+    """Whether ``Conv2dFn(method=...)`` computes ``product`` ("forward" or "backward") of this
+    conv by Winograd's F(2x2, 3x3); "winograd" asks for it and is an error where it cannot."""
+    fits = winograd.applies(w_shape, stride, padding, dilation)
+    if method == "winograd":
+        if not fits or is_cupy_array(x):
+            raise ValueError(f"conv2d: method 'winograd' computes 3x3 stride-1 undilated convs "
+                             f"(padding <= 2) of NumPy arrays, not kernel {tuple(w_shape[2:])}, "
+                             f"stride {stride}, dilation {dilation}, padding {padding} on "
+                             f"{device_of(x)}")
+        return True
+    if method != "auto" or not fits or is_cupy_array(x):
+        return False
+    n, _, h, wd = x.shape
+    tiles = n * ((h + 2 * padding[0] - 1) // 2) * ((wd + 2 * padding[1] - 1) // 2)
+    return min(x.shape[1], w_shape[0]) >= WINOGRAD_AUTO_MIN_CHANNELS[product] and tiles >= WINOGRAD_AUTO_MIN_TILES
+
+
 class Conv2dFn(Function):
     """y = conv(x, w) + b, cross-correlation as in PyTorch (see the module docstring).
 
     forward:   Y = W2 @ im2col(x) (+ b)
     backward:  gx = col2im(W2^T @ gY),  gw = gY @ im2col(x)^T,  gb = sum of gY over n, u, v
 
-    ``method`` is "im2col" (default) or "shift" (one GEMM per kernel offset); both give the
-    same numbers and are kept side by side to compare (the module docstring has timings).
+    ``method`` is "im2col", "shift" (one GEMM per kernel offset), "winograd" (F(2x2, 3x3),
+    ``winograd.py``; 3x3 stride-1 convs on the CPU) or "auto" (the default: im2col, and
+    Winograd where ``uses_winograd`` says it is faster).  All give the same numbers up to
+    rounding and are kept side by side to compare (the module docstring has timings).
     """
 
-    def __init__(self, stride=1, padding=0, dilation=1, method="im2col"):
+    def __init__(self, stride=1, padding=0, dilation=1, method="auto"):
         self.stride = _pair(stride, "conv2d: stride", 1)
         self.padding = _pair(padding, "conv2d: padding", 0)
         self.dilation = _pair(dilation, "conv2d: dilation", 1)
-        if method not in ("im2col", "shift"):
-            raise ValueError(f"conv2d: method must be 'im2col' or 'shift', got {method!r}")
+        if method not in METHODS:
+            raise ValueError(f"conv2d: method must be one of {list(METHODS)}, got {method!r}")
         self.method = method
 
     def _check(self, x, w, b):
@@ -388,7 +422,12 @@ class Conv2dFn(Function):
         # x and w, not the columns: backward rebuilds those (they are kh*kw times x's size)
         self.save_for_backward(x=x, w=w, has_bias=b is not None)
         args = self.stride, self.padding, self.dilation
-        y = _shift_forward(x, w, *args) if self.method == "shift" else conv_forward(x, w, *args)
+        if self.method == "shift":
+            y = _shift_forward(x, w, *args)
+        elif uses_winograd(self.method, x, w.shape, *args):
+            y = winograd.winograd_forward(x, w, self.padding)
+        else:
+            y = conv_forward(x, w, *args)
         if b is not None:
             y += b.reshape(1, -1, 1, 1)
         return y
@@ -399,6 +438,8 @@ class Conv2dFn(Function):
         gx = gw = None
         if self.method == "shift":
             gx, gw = _shift_backward(x, w, gy, *args, need_x, need_w)
+        elif uses_winograd(self.method, x, w.shape, *args, product="backward"):
+            gx, gw = winograd.winograd_backward(x, w, gy, self.padding, need_x, need_w)
         else:
             if need_w:  # rebuilds the columns rather than keeping them from forward (memory)
                 gw = conv_grad_weight(x, gy, w.shape[2:], *args)

@@ -1,0 +1,157 @@
+"""3x3 convolutions with fewer multiplications: Winograd's minimal filtering F(2x2, 3x3).
+
+Lavin and Gray, "Fast Algorithms for Convolutional Neural Networks" (CVPR 2016).  Most of the
+arithmetic of Mask R-CNN is 3x3 stride-1 convolutions: the ResNet's bottleneck and basic
+blocks, FPN's output convs, the RPN head (Sec. 3, "Network Architecture") and the mask head's
+four convs (Fig. 4).  im2col + GEMM (``conv.py``) spends 9 multiply-adds per output pixel, per
+input and output channel.  Winograd's algorithm gets 2x2 outputs from a 4x4 input tile d with
+16 products instead of 36, 4 per output pixel, 2.25 times fewer:
+
+    y_tile = A^T [ (G g G^T) * (B^T d B) ] A          g the 3x3 filter, * elementwise
+
+B^T (4x4), G (4x3) and A^T (2x4) are fixed small matrices (``kernels/winograd.py``); the
+1-D case shows where they come from: two outputs of a 3-tap filter, y0 = d0 g0 + d1 g1 + d2 g2
+and y1 = d1 g0 + d2 g1 + d3 g2, are m1 + m2 + m3 and m2 - m3 - m4 with
+
+    m1 = (d0 - d2) g0                  m2 = (d1 + d2) (g0 + g1 + g2) / 2
+    m4 = (d1 - d3) g2                  m3 = (d2 - d1) (g0 - g1 + g2) / 2
+
+four products instead of six; F(2x2, 3x3) nests that in both directions.  Summed over input
+channels, the 16 elementwise products of all tiles become 16 matrix products, one per tile
+position k = (i, j), which BLAS runs near peak:
+
+    U[k] = (G g G^T)[k]    (O, C)     the filters, transformed once per call
+    V[k] = (B^T d B)[k]    (C, T)     T tiles of the input (a band of images at a time)
+    M[k] = U[k] @ V[k]     (O, T)     the 16 GEMMs
+    y    = A^T M A                     each tile's 2x2 outputs
+
+Every step is linear, so the backward pass is the same steps transposed, in reverse order
+(each transform's adjoint is in ``kernels/winograd.py``, tested as one):
+
+    gM = A gy A^T                  the output transform's adjoint
+    gU[k] = gM[k] @ V[k]^T  ->  gw = G^T gU G          (the weight gradient)
+    gV[k] = U[k]^T @ gM[k]  ->  gx = B gV B^T, tiles added where they overlap
+
+The same numbers as the direct convolution up to rounding: B and A hold only 0 and +-1, G
+halves, so in float32 it differs from im2col by about one unit in the last place per
+accumulated term (``tests/test_winograd.py`` bounds it).  Bigger tiles, F(4x4, 3x3), save more
+(4x) but their transforms have fractions like 1/6 and lose more precision.
+
+When it pays: the 16 GEMMs have inner dimension C, not 9C, and each reads and writes its own
+(C, T) and (O, T) blocks, so the saving shows on wide convs (many channels) and disappears on
+narrow ones, where the transforms' memory traffic is as large as the products.
+``conv.WINOGRAD_MIN_CHANNELS`` is where ``Conv2dFn`` starts using it on the CPU (measured with
+``minimask bench ops``); the GPU keeps im2col and cuBLAS.
+"""
+
+import numpy as np
+
+from ..kernels.winograd import (AT, BT, G, input_tiles, input_tiles_adjoint_add, output_tiles,
+                                output_tiles_adjoint, padded_tiles, tile_counts)
+
+# The V and M blocks of one chunk of tiles together take at most this many bytes (bands of
+# tile rows of one image when an image needs more), so that the GEMMs read blocks still in
+# cache; but a band has at least MIN_CHUNK_TILES tiles, the GEMMs' N.
+CHUNK_BYTES = 16 * 2**20
+MIN_CHUNK_TILES = 512
+
+
+def applies(w_shape, stride, padding, dilation):
+    """Whether F(2x2, 3x3) computes this convolution: a 3x3 kernel, stride 1, no dilation."""
+    return tuple(w_shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) \
+        and max(padding) <= 2
+
+
+def _filter_matrix(dtype):
+    """K (9, 16), K[(i, j), (a, b)] = G[a, i] G[b, j]: vec(G g G^T) = vec(g) @ K, one GEMM for
+    all O C filters instead of two tiny products each."""
+    return np.kron(G, G).T.astype(dtype)
+
+
+def transform_filters(w):
+    """U (16, O, C) = G g G^T of every filter g of w (O, C, 3, 3)."""
+    o, c = w.shape[:2]
+    u = w.reshape(o * c, 9) @ _filter_matrix(w.dtype)  # (O C, 16)
+    return np.ascontiguousarray(u.T).reshape(16, o, c)
+
+
+def transform_filters_adjoint(gu):
+    """gw (O, C, 3, 3) = G^T gU G: the adjoint of transform_filters."""
+    _, o, c = gu.shape
+    return (gu.reshape(16, o * c).T @ _filter_matrix(gu.dtype).T).reshape(o, c, 3, 3)
+
+
+class _Tiling:
+    """The tiles of a 3x3 stride-1 conv over x (N, C, H, W), and the chunks they are done in."""
+
+    def __init__(self, x_shape, o, padding):
+        self.n, self.c, self.h, self.w = x_shape
+        self.o, self.padding = o, tuple(padding)
+        self.ho = self.h + 2 * padding[0] - 2
+        self.wo = self.w + 2 * padding[1] - 2
+        if self.ho < 1 or self.wo < 1:
+            raise ValueError(f"conv2d: input size {self.h}x{self.w} with padding {padding} is "
+                             f"smaller than the 3x3 kernel: the output would be empty")
+        self.th, self.tw = tile_counts(self.ho, self.wo)
+
+    def chunks(self, itemsize):
+        """(n0, n1, ty0, ty1): images n0:n1, tile rows ty0:ty1, V and M within the budget but
+        at least MIN_CHUNK_TILES tiles (several images, or a band of one image's rows)."""
+        per_tile = 16 * (self.c + self.o) * itemsize
+        tiles = max(MIN_CHUNK_TILES, CHUNK_BYTES // per_tile)
+        if self.th * self.tw <= tiles:  # whole images, as many as make up the tiles
+            step = max(1, tiles // (self.th * self.tw))
+            for n0 in range(0, self.n, step):
+                yield n0, min(self.n, n0 + step), 0, self.th
+            return
+        rows = -(-tiles // self.tw)
+        for b in range(self.n):
+            for ty0 in range(0, self.th, rows):
+                yield b, b + 1, ty0, min(self.th, ty0 + rows)
+
+    def band(self, xpad, n0, n1, ty0, ty1):
+        """The padded rows that tile rows ty0:ty1 of images n0:n1 read (a view)."""
+        return xpad[n0:n1, :, 2 * ty0:2 * ty1 + 2]
+
+    def out_rows(self, ty0, ty1):
+        return slice(2 * ty0, min(self.ho, 2 * ty1))
+
+
+def winograd_forward(x, w, padding):
+    """y = conv2d(x, w) for a 3x3 stride-1 conv, by F(2x2, 3x3): M = U @ V, y = A^T M A."""
+    t = _Tiling(x.shape, w.shape[0], padding)
+    u = transform_filters(w)
+    xpad = padded_tiles(x, padding, t.th, t.tw)
+    y = np.empty((t.n, t.o, t.ho, t.wo), dtype=x.dtype)
+    for n0, n1, ty0, ty1 in t.chunks(x.itemsize):
+        v = input_tiles(t.band(xpad, n0, n1, ty0, ty1), ty1 - ty0, t.tw)
+        output_tiles(np.matmul(u, v), ty1 - ty0, t.tw, y[n0:n1, :, t.out_rows(ty0, ty1)])
+    return y
+
+
+def winograd_backward(x, w, gy, padding, need_x=True, need_w=True):
+    """(gx, gw) of y = conv2d(x, w): the forward's steps transposed (see the module docstring)."""
+    t = _Tiling(x.shape, w.shape[0], padding)
+    xpad = padded_tiles(x, padding, t.th, t.tw) if need_w else None
+    ut = np.ascontiguousarray(transform_filters(w).transpose(0, 2, 1)) if need_x else None
+    gu = np.zeros((16, t.o, t.c), dtype=x.dtype) if need_w else None
+    gxpad = np.zeros((t.n, t.c, 2 * t.th + 2, 2 * t.tw + 2), dtype=x.dtype) if need_x else None
+    for n0, n1, ty0, ty1 in t.chunks(x.itemsize):
+        nt = ty1 - ty0
+        gm = output_tiles_adjoint(gy[n0:n1, :, t.out_rows(ty0, ty1)], nt, t.tw)
+        if need_w:
+            v = input_tiles(t.band(xpad, n0, n1, ty0, ty1), nt, t.tw)
+            gu += np.matmul(gm, v.transpose(0, 2, 1))
+        if need_x:
+            input_tiles_adjoint_add(np.matmul(ut, gm), nt, t.tw, t.band(gxpad, n0, n1, ty0, ty1))
+    gx = gw = None
+    if need_x:
+        ph, pw = t.padding
+        gx = np.ascontiguousarray(gxpad[:, :, ph:ph + t.h, pw:pw + t.w])
+    if need_w:
+        gw = transform_filters_adjoint(gu)
+    return gx, gw
+
+
+__all__ = ["applies", "winograd_forward", "winograd_backward", "transform_filters",
+           "transform_filters_adjoint", "AT", "BT", "G"]

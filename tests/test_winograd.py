@@ -1,0 +1,175 @@
+"""Winograd F(2x2, 3x3): the tile transforms (Numba against NumPy, each against its adjoint),
+the convolution against the plain loop, its gradients against finite differences, the chunking,
+and where ``method="auto"`` uses it."""
+
+import numpy as np
+import pytest
+
+from minimask import Tensor, gradcheck
+from minimask.functional import conv as conv_module
+from minimask.functional import winograd as W
+from minimask.functional.conv import Conv2dFn, uses_winograd
+from minimask.kernels import winograd as K
+
+from test_conv import loop_conv2d, t64
+
+# (N, C, H, W), O, padding: odd and even sizes (tiles hanging over), padding 0, 1 and 2, 1x1 images
+CASES = [((2, 3, 5, 7), 4, 1), ((1, 2, 6, 6), 3, 1), ((2, 3, 6, 5), 2, 0), ((3, 5, 9, 4), 2, 2),
+         ((1, 1, 1, 1), 2, 1), ((2, 4, 3, 3), 1, 0)]
+
+
+def _tiles(xs, padding):
+    n, c, h, w = xs
+    return K.tile_counts(h + 2 * padding - 2, w + 2 * padding - 2)
+
+
+# ---- the matrices ------------------------------------------------------------------------
+def test_the_matrices_compute_two_outputs_of_a_three_tap_filter(rng):
+    """The 1-D identity the 2-D algorithm nests: A^T [(G g) * (B^T d)] = the correlation of d with g."""
+    d, g = rng.standard_normal(4), rng.standard_normal(3)
+    direct = np.array([d[0:3] @ g, d[1:4] @ g])
+    np.testing.assert_allclose(K.AT @ ((K.G @ g) * (K.BT @ d)), direct, rtol=1e-12)
+
+
+def test_filter_transform_is_g_g_gt(rng):
+    w = rng.standard_normal((3, 2, 3, 3))
+    u = W.transform_filters(w)
+    for o in range(3):
+        for c in range(2):
+            np.testing.assert_allclose(u[:, o, c].reshape(4, 4), K.G @ w[o, c] @ K.G.T, rtol=1e-12)
+    gu = rng.standard_normal(u.shape)
+    # adjoint: <U(w), gu> = <w, U^T(gu)>
+    np.testing.assert_allclose((u * gu).sum(), (w * W.transform_filters_adjoint(gu)).sum(), rtol=1e-12)
+
+
+# ---- the transforms: Numba against the NumPy reference, and adjoint pairs ---------------
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("xs, o, padding", CASES)
+def test_numba_transforms_match_the_reference(rng, dtype, xs, o, padding):
+    th, tw = _tiles(xs, padding)
+    m, c, h, w = xs
+    xpad = K.padded_tiles(rng.standard_normal(xs).astype(dtype), (padding, padding), th, tw)
+    np.testing.assert_array_equal(K.input_tiles(xpad, th, tw), K.input_tiles_reference(xpad, th, tw))
+    gv = rng.standard_normal((16, c, m * th * tw)).astype(dtype)
+    tol = dict(rtol=1e-6, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(K.input_tiles_adjoint_add(gv, th, tw, np.zeros_like(xpad)),
+                               K.input_tiles_adjoint_reference(gv, m, th, tw), **tol)
+    ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
+    mt = rng.standard_normal((16, o, m * th * tw)).astype(dtype)
+    np.testing.assert_allclose(K.output_tiles(mt, th, tw, np.empty((m, o, ho, wo), dtype)),
+                               K.output_tiles_reference(mt, m, th, tw, ho, wo), **tol)
+    gy = rng.standard_normal((m, o, ho, wo)).astype(dtype)
+    np.testing.assert_array_equal(K.output_tiles_adjoint(gy, th, tw), K.output_tiles_adjoint_reference(gy, th, tw))
+
+
+@pytest.mark.parametrize("xs, o, padding", CASES)
+def test_each_transform_and_its_adjoint_are_transposes(rng, xs, o, padding):
+    """<T a, b> = <a, T^T b> for random a and b, for the reference maps and the Numba ones:
+    what makes the backward pass the exact gradient of the forward."""
+    th, tw = _tiles(xs, padding)
+    m, c, h, w = xs
+    ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
+    xpad = rng.standard_normal((m, c, 2 * th + 2, 2 * tw + 2))
+    gv = rng.standard_normal((16, c, m * th * tw))
+    for fwd, adj in ((K.input_tiles_reference(xpad, th, tw), K.input_tiles_adjoint_reference(gv, m, th, tw)),
+                     (K.input_tiles(xpad, th, tw), K.input_tiles_adjoint_add(gv, th, tw, np.zeros_like(xpad)))):
+        np.testing.assert_allclose((fwd * gv).sum(), (xpad * adj).sum(), rtol=1e-10)
+    mt, gy = rng.standard_normal((16, o, m * th * tw)), rng.standard_normal((m, o, ho, wo))
+    for fwd, adj in ((K.output_tiles_reference(mt, m, th, tw, ho, wo), K.output_tiles_adjoint_reference(gy, th, tw)),
+                     (K.output_tiles(mt, th, tw, np.empty((m, o, ho, wo))), K.output_tiles_adjoint(gy, th, tw))):
+        np.testing.assert_allclose((fwd * gy).sum(), (mt * adj).sum(), rtol=1e-10)
+
+
+def test_transforms_read_and_write_views(rng):
+    """The convolution hands bands of rows (views) to the loops: the same numbers as copies."""
+    xpad = rng.standard_normal((2, 3, 12, 8))
+    band = xpad[1:2, :, 4:10]  # tile rows 2:4 of image 1, a non-contiguous view
+    np.testing.assert_array_equal(K.input_tiles(band, 2, 3), K.input_tiles(band.copy(), 2, 3))
+    y, mt = np.zeros((2, 3, 9, 6)), rng.standard_normal((16, 3, 6))
+    K.output_tiles(mt, 2, 3, y[1:2, :, 4:8])
+    expected = np.zeros((2, 3, 9, 6))
+    expected[1:2, :, 4:8] = K.output_tiles(mt, 2, 3, np.zeros((1, 3, 4, 6)))
+    np.testing.assert_array_equal(y, expected)
+
+
+# ---- the convolution ---------------------------------------------------------------------
+@pytest.mark.parametrize("xs, o, padding", CASES)
+def test_winograd_conv_matches_the_loop(rng, xs, o, padding):
+    x, w, b = rng.standard_normal(xs), rng.standard_normal((o, xs[1], 3, 3)), rng.standard_normal(o)
+    y = Conv2dFn(1, padding, method="winograd")(Tensor(x), Tensor(w), Tensor(b))
+    np.testing.assert_allclose(y.data, loop_conv2d(x, w, b, 1, padding), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("xs, o, padding", CASES)
+def test_winograd_conv_gradcheck(rng, xs, o, padding):
+    x, w, b = t64(rng, *xs), t64(rng, o, xs[1], 3, 3), t64(rng, o)
+    assert gradcheck(lambda x, w, b: Conv2dFn(1, padding, method="winograd")(x, w, b), [x, w, b])
+
+
+def test_winograd_frozen_weight_gives_input_grad_only(rng):
+    x, w = t64(rng, 2, 3, 6, 5), Tensor(rng.standard_normal((4, 3, 3, 3)))
+    y = Conv2dFn(1, 1, method="winograd")(x, w)
+    y.backward(np.ones(y.shape))
+    assert w.grad is None
+    expected = Conv2dFn(1, 1, method="im2col")(Tensor(x.data, requires_grad=True), w)
+    gx = expected.creator.backward(np.ones(y.shape))[0]
+    np.testing.assert_allclose(x.grad, gx, rtol=1e-10)
+
+
+def test_float32_stays_close_to_im2col(rng):
+    """The transforms add and halve, so float32 rounding stays at im2col's scale: the two
+    methods agree to a few units in the last place of the outputs' size."""
+    x = rng.standard_normal((2, 64, 12, 10)).astype(np.float32)
+    w = (rng.standard_normal((32, 64, 3, 3)) / 24).astype(np.float32)
+    gy = rng.standard_normal((2, 32, 12, 10)).astype(np.float32)
+    exact = loop_conv2d(x.astype(np.float64), w.astype(np.float64), None, 1, 1)
+    y = W.winograd_forward(x, w, (1, 1))
+    assert y.dtype == np.float32
+    scale = np.abs(exact).max()
+    err_w = np.abs(y - exact).max() / scale
+    err_i = np.abs(conv_module.conv_forward(x, w, (1, 1), (1, 1), (1, 1)) - exact).max() / scale
+    assert err_w < 1e-6 and err_w < 8 * err_i + 1e-7, (err_w, err_i)
+    gx, gw = W.winograd_backward(x, w, gy, (1, 1))
+    gx64, gw64 = W.winograd_backward(x.astype(np.float64), w.astype(np.float64), gy.astype(np.float64), (1, 1))
+    assert np.abs(gx - gx64).max() / np.abs(gx64).max() < 1e-6
+    assert np.abs(gw - gw64).max() / np.abs(gw64).max() < 1e-6
+
+
+@pytest.mark.parametrize("budget, min_tiles", [(1, 1), (2000, 1), (1, 10), (10**9, 1)])
+def test_chunks_give_the_same_numbers(rng, monkeypatch, budget, min_tiles):
+    """Bands of tile rows, several images per chunk, or all at once: the same result."""
+    monkeypatch.setattr(W, "CHUNK_BYTES", budget)
+    monkeypatch.setattr(W, "MIN_CHUNK_TILES", min_tiles)
+    x, w, gy = rng.standard_normal((3, 4, 11, 9)), rng.standard_normal((5, 4, 3, 3)), rng.standard_normal((3, 5, 11, 9))
+    chunks = list(W._Tiling(x.shape, 5, (1, 1)).chunks(8))
+    covered = sorted((b, ty) for n0, n1, ty0, ty1 in chunks for b in range(n0, n1) for ty in range(ty0, ty1))
+    assert covered == [(b, ty) for b in range(3) for ty in range(6)]  # every tile row once
+    np.testing.assert_allclose(W.winograd_forward(x, w, (1, 1)), loop_conv2d(x, w, None, 1, 1), rtol=1e-10, atol=1e-10)
+    gx, gw = W.winograd_backward(x, w, gy, (1, 1))
+    np.testing.assert_allclose(gx, conv_module.conv_grad_input(gy, w, x.shape, (1, 1), (1, 1), (1, 1)), rtol=1e-10)
+    np.testing.assert_allclose(gw, conv_module.conv_grad_weight(x, gy, (3, 3), (1, 1), (1, 1), (1, 1)), rtol=1e-10)
+
+
+# ---- where "auto" uses it ----------------------------------------------------------------
+def test_auto_uses_winograd_only_where_it_pays():
+    x_wide = np.zeros((1, 256, 64, 64), np.float32)
+    x_narrow = np.zeros((4, 64, 32, 32), np.float32)
+    x_small = np.zeros((1, 256, 8, 8), np.float32)
+    one, no_dil = (1, 1), (1, 1)
+    assert uses_winograd("auto", x_wide, (256, 256, 3, 3), one, one, no_dil)
+    assert uses_winograd("auto", x_wide, (256, 256, 3, 3), one, one, no_dil, product="backward")
+    assert not uses_winograd("auto", x_wide, (128, 256, 3, 3), one, one, no_dil, product="backward")
+    assert not uses_winograd("auto", x_narrow, (64, 64, 3, 3), one, one, no_dil)  # the shapes model's widths
+    assert not uses_winograd("auto", x_small, (256, 256, 3, 3), one, one, no_dil)  # too few tiles
+    assert not uses_winograd("auto", x_wide, (256, 256, 3, 3), (2, 2), one, no_dil)  # stride 2
+    assert not uses_winograd("auto", x_wide, (256, 256, 1, 1), one, (0, 0), no_dil)  # 1x1
+    assert not uses_winograd("auto", x_wide, (256, 256, 3, 3), one, (2, 2), (2, 2))  # dilated
+    assert not uses_winograd("im2col", x_wide, (256, 256, 3, 3), one, one, no_dil)
+
+
+def test_asking_for_winograd_where_it_cannot_run_is_named(rng):
+    x, w = Tensor(rng.standard_normal((1, 2, 6, 6))), Tensor(rng.standard_normal((3, 2, 3, 3)))
+    with pytest.raises(ValueError, match="method 'winograd' computes 3x3 stride-1"):
+        Conv2dFn(2, 1, method="winograd")(x, w)
+    with pytest.raises(ValueError, match="method must be one of"):
+        Conv2dFn(1, 1, method="fft")
