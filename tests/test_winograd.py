@@ -4,14 +4,13 @@ and where ``method="auto"`` uses it."""
 
 import numpy as np
 import pytest
+from test_conv import loop_conv2d, t64
 
 from minimask import Tensor, gradcheck
 from minimask.functional import conv as conv_module
 from minimask.functional import winograd as W
 from minimask.functional.conv import Conv2dFn, uses_winograd
 from minimask.kernels import winograd as K
-
-from test_conv import loop_conv2d, t64
 
 # (N, C, H, W), O, padding: odd and even sizes (tiles hanging over), padding 0, 1 and 2, 1x1 images
 CASES = [((2, 3, 5, 7), 4, 1), ((1, 2, 6, 6), 3, 1), ((2, 3, 6, 5), 2, 0), ((3, 5, 9, 4), 2, 2),
@@ -59,7 +58,8 @@ def test_numba_transforms_match_the_reference(rng, dtype, xs, o, padding):
     np.testing.assert_allclose(K.output_tiles(mt, th, tw, np.empty((m, o, ho, wo), dtype)),
                                K.output_tiles_reference(mt, m, th, tw, ho, wo), **tol)
     gy = rng.standard_normal((m, o, ho, wo)).astype(dtype)
-    np.testing.assert_array_equal(K.output_tiles_adjoint(gy, th, tw), K.output_tiles_adjoint_reference(gy, th, tw))
+    np.testing.assert_array_equal(K.output_tiles_adjoint(gy, th, tw),
+                                  K.output_tiles_adjoint_reference(gy, th, tw))
 
 
 @pytest.mark.parametrize("xs, o, padding", CASES)
@@ -71,12 +71,14 @@ def test_each_transform_and_its_adjoint_are_transposes(rng, xs, o, padding):
     ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
     xpad = rng.standard_normal((m, c, 2 * th + 2, 2 * tw + 2))
     gv = rng.standard_normal((16, c, m * th * tw))
-    for fwd, adj in ((K.input_tiles_reference(xpad, th, tw), K.input_tiles_adjoint_reference(gv, m, th, tw)),
-                     (K.input_tiles(xpad, th, tw), K.input_tiles_adjoint_add(gv, th, tw, np.zeros_like(xpad)))):
+    pairs = [(K.input_tiles_reference(xpad, th, tw), K.input_tiles_adjoint_reference(gv, m, th, tw)),
+             (K.input_tiles(xpad, th, tw), K.input_tiles_adjoint_add(gv, th, tw, np.zeros_like(xpad)))]
+    for fwd, adj in pairs:
         np.testing.assert_allclose((fwd * gv).sum(), (xpad * adj).sum(), rtol=1e-10)
     mt, gy = rng.standard_normal((16, o, m * th * tw)), rng.standard_normal((m, o, ho, wo))
-    for fwd, adj in ((K.output_tiles_reference(mt, m, th, tw, ho, wo), K.output_tiles_adjoint_reference(gy, th, tw)),
-                     (K.output_tiles(mt, th, tw, np.empty((m, o, ho, wo))), K.output_tiles_adjoint(gy, th, tw))):
+    pairs = [(K.output_tiles_reference(mt, m, th, tw, ho, wo), K.output_tiles_adjoint_reference(gy, th, tw)),
+             (K.output_tiles(mt, th, tw, np.empty((m, o, ho, wo))), K.output_tiles_adjoint(gy, th, tw))]
+    for fwd, adj in pairs:
         np.testing.assert_allclose((fwd * gy).sum(), (mt * adj).sum(), rtol=1e-10)
 
 
@@ -130,7 +132,7 @@ def test_float32_stays_close_to_im2col(rng):
     err_i = np.abs(conv_module.conv_forward(x, w, (1, 1), (1, 1), (1, 1)) - exact).max() / scale
     assert err_w < 1e-6 and err_w < 8 * err_i + 1e-7, (err_w, err_i)
     gx, gw = W.winograd_backward(x, w, gy, (1, 1))
-    gx64, gw64 = W.winograd_backward(x.astype(np.float64), w.astype(np.float64), gy.astype(np.float64), (1, 1))
+    gx64, gw64 = W.winograd_backward(*(a.astype(np.float64) for a in (x, w, gy)), (1, 1))
     assert np.abs(gx - gx64).max() / np.abs(gx64).max() < 1e-6
     assert np.abs(gw - gw64).max() / np.abs(gw64).max() < 1e-6
 
@@ -140,14 +142,18 @@ def test_chunks_give_the_same_numbers(rng, monkeypatch, budget, min_tiles):
     """Bands of tile rows, several images per chunk, or all at once: the same result."""
     monkeypatch.setattr(W, "CHUNK_BYTES", budget)
     monkeypatch.setattr(W, "MIN_CHUNK_TILES", min_tiles)
-    x, w, gy = rng.standard_normal((3, 4, 11, 9)), rng.standard_normal((5, 4, 3, 3)), rng.standard_normal((3, 5, 11, 9))
+    x, w = rng.standard_normal((3, 4, 11, 9)), rng.standard_normal((5, 4, 3, 3))
+    gy = rng.standard_normal((3, 5, 11, 9))
     chunks = list(W._Tiling(x.shape, 5, (1, 1)).chunks(8))
-    covered = sorted((b, ty) for n0, n1, ty0, ty1 in chunks for b in range(n0, n1) for ty in range(ty0, ty1))
+    covered = sorted((b, ty) for n0, n1, ty0, ty1 in chunks
+                     for b in range(n0, n1) for ty in range(ty0, ty1))
     assert covered == [(b, ty) for b in range(3) for ty in range(6)]  # every tile row once
-    np.testing.assert_allclose(W.winograd_forward(x, w, (1, 1)), loop_conv2d(x, w, None, 1, 1), rtol=1e-10, atol=1e-10)
+    np.testing.assert_allclose(W.winograd_forward(x, w, (1, 1)), loop_conv2d(x, w, None, 1, 1),
+                               rtol=1e-10, atol=1e-10)
     gx, gw = W.winograd_backward(x, w, gy, (1, 1))
-    np.testing.assert_allclose(gx, conv_module.conv_grad_input(gy, w, x.shape, (1, 1), (1, 1), (1, 1)), rtol=1e-10)
-    np.testing.assert_allclose(gw, conv_module.conv_grad_weight(x, gy, (3, 3), (1, 1), (1, 1), (1, 1)), rtol=1e-10)
+    one = (1, 1)
+    np.testing.assert_allclose(gx, conv_module.conv_grad_input(gy, w, x.shape, one, one, one), rtol=1e-10)
+    np.testing.assert_allclose(gw, conv_module.conv_grad_weight(x, gy, (3, 3), one, one, one), rtol=1e-10)
 
 
 # ---- where "auto" uses it ----------------------------------------------------------------

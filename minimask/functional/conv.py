@@ -384,7 +384,8 @@ def uses_winograd(method, x, w_shape, stride, padding, dilation, product="forwar
         return False
     n, _, h, wd = x.shape
     tiles = n * ((h + 2 * padding[0] - 1) // 2) * ((wd + 2 * padding[1] - 1) // 2)
-    return min(x.shape[1], w_shape[0]) >= WINOGRAD_AUTO_MIN_CHANNELS[product] and tiles >= WINOGRAD_AUTO_MIN_TILES
+    wide = min(x.shape[1], w_shape[0]) >= WINOGRAD_AUTO_MIN_CHANNELS[product]
+    return wide and tiles >= WINOGRAD_AUTO_MIN_TILES
 
 
 class Conv2dFn(Function):

@@ -46,8 +46,7 @@ narrow ones, where the transforms' memory traffic is as large as the products.
 
 import numpy as np
 
-from ..kernels.winograd import (AT, BT, G, input_tiles, input_tiles_adjoint_add, output_tiles,
-                                output_tiles_adjoint, padded_tiles, tile_counts)
+from ..kernels import winograd as tiles
 
 # The V and M blocks of one chunk of tiles together take at most this many bytes (bands of
 # tile rows of one image when an image needs more), so that the GEMMs read blocks still in
@@ -65,7 +64,7 @@ def applies(w_shape, stride, padding, dilation):
 def _filter_matrix(dtype):
     """K (9, 16), K[(i, j), (a, b)] = G[a, i] G[b, j]: vec(G g G^T) = vec(g) @ K, one GEMM for
     all O C filters instead of two tiny products each."""
-    return np.kron(G, G).T.astype(dtype)
+    return np.kron(tiles.G, tiles.G).T.astype(dtype)
 
 
 def transform_filters(w):
@@ -92,19 +91,19 @@ class _Tiling:
         if self.ho < 1 or self.wo < 1:
             raise ValueError(f"conv2d: input size {self.h}x{self.w} with padding {padding} is "
                              f"smaller than the 3x3 kernel: the output would be empty")
-        self.th, self.tw = tile_counts(self.ho, self.wo)
+        self.th, self.tw = tiles.tile_counts(self.ho, self.wo)
 
     def chunks(self, itemsize):
         """(n0, n1, ty0, ty1): images n0:n1, tile rows ty0:ty1, V and M within the budget but
         at least MIN_CHUNK_TILES tiles (several images, or a band of one image's rows)."""
         per_tile = 16 * (self.c + self.o) * itemsize
-        tiles = max(MIN_CHUNK_TILES, CHUNK_BYTES // per_tile)
-        if self.th * self.tw <= tiles:  # whole images, as many as make up the tiles
-            step = max(1, tiles // (self.th * self.tw))
+        per_chunk = max(MIN_CHUNK_TILES, CHUNK_BYTES // per_tile)
+        if self.th * self.tw <= per_chunk:  # whole images, as many as make up the tiles
+            step = max(1, per_chunk // (self.th * self.tw))
             for n0 in range(0, self.n, step):
                 yield n0, min(self.n, n0 + step), 0, self.th
             return
-        rows = -(-tiles // self.tw)
+        rows = -(-per_chunk // self.tw)
         for b in range(self.n):
             for ty0 in range(0, self.th, rows):
                 yield b, b + 1, ty0, min(self.th, ty0 + rows)
@@ -121,29 +120,29 @@ def winograd_forward(x, w, padding):
     """y = conv2d(x, w) for a 3x3 stride-1 conv, by F(2x2, 3x3): M = U @ V, y = A^T M A."""
     t = _Tiling(x.shape, w.shape[0], padding)
     u = transform_filters(w)
-    xpad = padded_tiles(x, padding, t.th, t.tw)
+    xpad = tiles.padded_tiles(x, padding, t.th, t.tw)
     y = np.empty((t.n, t.o, t.ho, t.wo), dtype=x.dtype)
     for n0, n1, ty0, ty1 in t.chunks(x.itemsize):
-        v = input_tiles(t.band(xpad, n0, n1, ty0, ty1), ty1 - ty0, t.tw)
-        output_tiles(np.matmul(u, v), ty1 - ty0, t.tw, y[n0:n1, :, t.out_rows(ty0, ty1)])
+        v = tiles.input_tiles(t.band(xpad, n0, n1, ty0, ty1), ty1 - ty0, t.tw)
+        tiles.output_tiles(np.matmul(u, v), ty1 - ty0, t.tw, y[n0:n1, :, t.out_rows(ty0, ty1)])
     return y
 
 
 def winograd_backward(x, w, gy, padding, need_x=True, need_w=True):
     """(gx, gw) of y = conv2d(x, w): the forward's steps transposed (see the module docstring)."""
     t = _Tiling(x.shape, w.shape[0], padding)
-    xpad = padded_tiles(x, padding, t.th, t.tw) if need_w else None
+    xpad = tiles.padded_tiles(x, padding, t.th, t.tw) if need_w else None
     ut = np.ascontiguousarray(transform_filters(w).transpose(0, 2, 1)) if need_x else None
     gu = np.zeros((16, t.o, t.c), dtype=x.dtype) if need_w else None
     gxpad = np.zeros((t.n, t.c, 2 * t.th + 2, 2 * t.tw + 2), dtype=x.dtype) if need_x else None
     for n0, n1, ty0, ty1 in t.chunks(x.itemsize):
         nt = ty1 - ty0
-        gm = output_tiles_adjoint(gy[n0:n1, :, t.out_rows(ty0, ty1)], nt, t.tw)
+        gm = tiles.output_tiles_adjoint(gy[n0:n1, :, t.out_rows(ty0, ty1)], nt, t.tw)
         if need_w:
-            v = input_tiles(t.band(xpad, n0, n1, ty0, ty1), nt, t.tw)
+            v = tiles.input_tiles(t.band(xpad, n0, n1, ty0, ty1), nt, t.tw)
             gu += np.matmul(gm, v.transpose(0, 2, 1))
         if need_x:
-            input_tiles_adjoint_add(np.matmul(ut, gm), nt, t.tw, t.band(gxpad, n0, n1, ty0, ty1))
+            tiles.input_tiles_adjoint_add(np.matmul(ut, gm), nt, t.tw, t.band(gxpad, n0, n1, ty0, ty1))
     gx = gw = None
     if need_x:
         ph, pw = t.padding
@@ -154,4 +153,4 @@ def winograd_backward(x, w, gy, padding, need_x=True, need_w=True):
 
 
 __all__ = ["applies", "winograd_forward", "winograd_backward", "transform_filters",
-           "transform_filters_adjoint", "AT", "BT", "G"]
+           "transform_filters_adjoint"]
