@@ -265,15 +265,19 @@ def _conv_norm_pair(norm_kind, bias, rng):
 
 @pytest.mark.parametrize("norm_kind", ["frozen", "bn_eval"])
 @pytest.mark.parametrize("bias", [False, True])
-def test_conv_norm_folds_a_fixed_norm_into_the_conv(rng, norm_kind, bias):
+@pytest.mark.parametrize("x_shape, folds", [((2, 3, 9, 7), True), ((1, 3, 5, 3), False)])
+def test_conv_norm_folds_a_fixed_norm_into_the_conv(rng, norm_kind, bias, x_shape, folds):
     """conv_norm(conv, norm, x) == norm(conv(x)) in value, and in the gradients of x and the
-    conv's weights, when the norm is a constant affine map (so it is folded)."""
+    conv's weights, when the norm is a constant affine map: folded into the weights (27 per
+    output channel against 40 outputs), or applied to the output (against 6)."""
+    from minimask.nn.layers import folds_into_conv
     from minimask.tensor import no_grad
 
     conv, norm = _conv_norm_pair(norm_kind, bias, rng)
     norm.eval()
     assert norm.fixed_affine() is None if norm_kind == "bn_eval" else norm.fixed_affine() is not None
-    x = rng.standard_normal((2, 3, 9, 7))
+    assert folds_into_conv(conv, x_shape) == folds
+    x = rng.standard_normal(x_shape)
     with no_grad():  # an eval BatchNorm2d folds when nobody wants its gradient
         assert norm.fixed_affine() is not None
         np.testing.assert_allclose(nn.conv_norm(conv, norm, Tensor(x)).data, norm(conv(Tensor(x))).data,

@@ -179,6 +179,14 @@ def batch_norm_affine(mean, var, weight, bias, eps=1e-5):
     return scale, bias - mean * scale
 
 
+def channel_affine(x, scale, shift):
+    """y = x * scale + shift per channel (axis 1), scale and shift constant arrays (C,): a batch
+    norm with fixed statistics once ``batch_norm_affine`` has made its two vectors."""
+    _check(x, "channel_affine scale", scale)
+    _check(x, "channel_affine shift", shift)
+    return FrozenBatchNorm()(x, scale, shift)
+
+
 def frozen_batch_norm(x, mean, var, weight, bias, eps=1e-5):
     """A batch norm turned into a constant per-channel affine map (torchvision's
     ``FrozenBatchNorm2d``): y = x * scale + shift; only ``x`` receives a gradient."""
@@ -188,4 +196,4 @@ def frozen_batch_norm(x, mean, var, weight, bias, eps=1e-5):
     mean, var, weight, bias = (xp.asarray(_array(v)) for v in (mean, var, weight, bias))
     for name, v in (("mean", mean), ("var", var), ("weight", weight), ("bias", bias)):
         _check(x, f"frozen_batch_norm {name}", v)
-    return FrozenBatchNorm()(x, *batch_norm_affine(mean, var, weight, bias, eps))
+    return channel_affine(x, *batch_norm_affine(mean, var, weight, bias, eps))

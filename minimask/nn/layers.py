@@ -169,15 +169,30 @@ def conv_norm(conv, norm, x):
     largest arrays of the backbone).  The scaling runs through the autograd engine, so a
     trainable conv before a frozen norm still gets its gradient: d/dw = scale * d/d(scale w).
     The same numbers up to float rounding (``tests/test_nn.py``); the deployment trick
-    inference engines call "BN folding".  Otherwise (batch statistics in training) the two
+    inference engines call "BN folding".  Where the weights are larger than the output (deep
+    layers on small maps: the shapes model's layer4 has 128 x 128 x 9 weights and 4 x 4 maps)
+    scaling them costs more than scaling the output, so the constant map is applied after the
+    conv instead (``folds_into_conv``).  Otherwise (batch statistics in training) the two
     layers run one after the other."""
     affine = norm.fixed_affine() if isinstance(conv, Conv2d) else None
     if affine is None:
         return norm(conv(x))
     scale, shift = (a.astype(conv.weight.dtype) for a in affine)
+    if not folds_into_conv(conv, x.shape):
+        return F.channel_affine(conv(x), scale, shift)
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
     bias = shift if conv.bias is None else conv.bias * scale + shift
     return F.conv2d(x, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+
+
+def folds_into_conv(conv, x_shape):
+    """Whether ``conv_norm`` scales the conv's weights (True) or its output (False) for an input
+    of shape ``x_shape``: whichever is smaller, counted per output channel (C kh kw weights
+    against about N H W / stride^2 outputs)."""
+    n, _, h, w = x_shape
+    c, kh, kw = conv.weight.shape[1:]
+    (sh, sw) = conv.stride
+    return c * kh * kw <= n * -(-h // sh) * -(-w // sw)
 
 
 class ReLU(Module):
