@@ -158,19 +158,49 @@ def test_chunks_give_the_same_numbers(rng, monkeypatch, budget, min_tiles):
 
 # ---- where "auto" uses it ----------------------------------------------------------------
 def test_auto_uses_winograd_only_where_it_pays():
-    x_wide = np.zeros((1, 256, 64, 64), np.float32)
-    x_narrow = np.zeros((4, 64, 32, 32), np.float32)
-    x_small = np.zeros((1, 256, 8, 8), np.float32)
-    one, no_dil = (1, 1), (1, 1)
-    assert uses_winograd("auto", x_wide, (256, 256, 3, 3), one, one, no_dil)
-    assert uses_winograd("auto", x_wide, (256, 256, 3, 3), one, one, no_dil, product="backward")
-    assert not uses_winograd("auto", x_wide, (128, 256, 3, 3), one, one, no_dil, product="backward")
-    assert not uses_winograd("auto", x_narrow, (64, 64, 3, 3), one, one, no_dil)  # the shapes model's widths
-    assert not uses_winograd("auto", x_small, (256, 256, 3, 3), one, one, no_dil)  # too few tiles
-    assert not uses_winograd("auto", x_wide, (256, 256, 3, 3), (2, 2), one, no_dil)  # stride 2
-    assert not uses_winograd("auto", x_wide, (256, 256, 1, 1), one, (0, 0), no_dil)  # 1x1
-    assert not uses_winograd("auto", x_wide, (256, 256, 3, 3), one, (2, 2), (2, 2))  # dilated
-    assert not uses_winograd("im2col", x_wide, (256, 256, 3, 3), one, one, no_dil)
+    wide = np.zeros((1, 256, 64, 64), np.float32)       # 1024 tiles x 256 channels
+    wide64 = np.zeros((1, 64, 128, 128), np.float32)    # 4096 tiles x 64 channels
+    narrow = np.zeros((4, 64, 32, 32), np.float32)      # the shapes model's largest: 65k
+    small = np.zeros((1, 256, 8, 8), np.float32)        # too few tiles
+    one = (1, 1)
+    assert uses_winograd("auto", wide, (256, 256, 3, 3), one, one, one)
+    assert uses_winograd("auto", wide, (256, 256, 3, 3), one, one, one, product="backward")
+    assert uses_winograd("auto", wide64, (64, 64, 3, 3), one, one, one)
+    assert not uses_winograd("auto", wide64, (64, 64, 3, 3), one, one, one, product="backward")
+    assert not uses_winograd("auto", narrow, (64, 64, 3, 3), one, one, one)
+    assert not uses_winograd("auto", small, (256, 256, 3, 3), one, one, one)
+    assert not uses_winograd("auto", wide, (256, 256, 3, 3), (2, 2), one, one)  # stride 2
+    assert not uses_winograd("auto", wide, (256, 256, 1, 1), one, (0, 0), one)  # 1x1
+    assert not uses_winograd("auto", wide, (256, 256, 3, 3), one, (2, 2), (2, 2))  # dilated
+    assert not uses_winograd("im2col", wide, (256, 256, 3, 3), one, one, one)
+
+
+def test_the_shapes_model_never_uses_winograd(monkeypatch):
+    """Its convs stay on im2col, training (4 images, one data-parallel share) and predicting:
+    the preset's schedule was measured with those numbers."""
+    from minimask.models import build_model
+    from minimask.models.config import preset
+    from minimask.tensor import no_grad
+
+    picked = []
+    original = conv_module.uses_winograd
+
+    def spy(*args, **kwargs):
+        picked.append(original(*args, **kwargs))
+        return picked[-1]
+
+    monkeypatch.setattr(conv_module, "uses_winograd", spy)
+    model = build_model(preset("shapes"))
+    images = [np.zeros((128, 128, 3), np.uint8)] * 4
+    model.eval()
+    with no_grad():
+        model.predict(images[:1])
+    model.train()
+    target = dict(boxes=np.array([[10, 10, 40, 40]], np.float32), labels=np.array([1]),
+                  masks=np.pad(np.ones((1, 30, 30), np.uint8), ((0, 0), (10, 88), (10, 88))))
+    losses = model(images, [target] * 4)
+    sum(losses.values()).backward()
+    assert picked and not any(picked)
 
 
 def test_asking_for_winograd_where_it_cannot_run_is_named(rng):

@@ -358,14 +358,16 @@ def _record(kind, x_shape, w_shape, stride, padding, dilation, g, out_shape, dty
 # ---- conv2d --------------------------------------------------------------------------------
 # Where ``method="auto"`` (the default) uses Winograd's F(2x2, 3x3) (``winograd.py``) instead
 # of im2col: on the CPU, for a 3x3 stride-1 conv with at least this many input and output
-# channels (forward; backward, for its two products) over at least WINOGRAD_AUTO_MIN_TILES
-# 2x2 output tiles in all.  Narrower or smaller convs lose: their 16 GEMMs have a short inner
-# dimension and few columns, and the tile transforms cost as much as the products save (on a
-# 2-core AVX-512 machine, the shapes model's convs, 16 to 64 channels, took 1.1 to 4 times
-# im2col's time by Winograd; r50_fpn's 256-channel convs on P2-P4, 0.65 to 0.9).  So the
-# shapes model stays on im2col, bit for bit, and r50_fpn's wide convs move.
-WINOGRAD_AUTO_MIN_CHANNELS = {"forward": 128, "backward": 256}
-WINOGRAD_AUTO_MIN_TILES = 512
+# channels and at least this much work, counted as 2x2 output tiles times the narrower channel
+# count (per product: "forward", and "backward" for its two).  Narrower or smaller convs lose:
+# their 16 GEMMs have a short inner dimension and few columns, and the tile transforms cost
+# about as much as the products save.  Measured on a 2-core AVX-512 machine, interleaved with
+# im2col (the numbers are in the issue notes): r50_fpn's convs of 128 to 256 channels on its
+# larger maps took 0.6 to 0.75 of im2col's time forward and 0.73 to 0.92 backward, its
+# 64-channel ones 0.7 to 0.93 forward but 1.09 backward; the shapes model's biggest, 64
+# channels on 4 images of 32x32 (65k by this count), gained 5-8% inside a training step, too
+# little for a change of arithmetic in the preset's schedule, so it stays on im2col, bit for bit.
+WINOGRAD_AUTO = {"forward": (64, 200_000), "backward": (128, 200_000)}  # (channels, tiles x channels)
 METHODS = ("auto", "im2col", "shift", "winograd")
 
 
@@ -384,8 +386,9 @@ def uses_winograd(method, x, w_shape, stride, padding, dilation, product="forwar
         return False
     n, _, h, wd = x.shape
     tiles = n * ((h + 2 * padding[0] - 1) // 2) * ((wd + 2 * padding[1] - 1) // 2)
-    wide = min(x.shape[1], w_shape[0]) >= WINOGRAD_AUTO_MIN_CHANNELS[product]
-    return wide and tiles >= WINOGRAD_AUTO_MIN_TILES
+    channels, work = WINOGRAD_AUTO[product]
+    narrower = min(x.shape[1], w_shape[0])
+    return narrower >= channels and tiles * narrower >= work
 
 
 class Conv2dFn(Function):

@@ -33,15 +33,16 @@ Every step is linear, so the backward pass is the same steps transposed, in reve
     gV[k] = U[k]^T @ gM[k]  ->  gx = B gV B^T, tiles added where they overlap
 
 The same numbers as the direct convolution up to rounding: B and A hold only 0 and +-1, G
-halves, so in float32 it differs from im2col by about one unit in the last place per
-accumulated term (``tests/test_winograd.py`` bounds it).  Bigger tiles, F(4x4, 3x3), save more
+halves, so in float32 its error against the exact result is of im2col's order
+(``tests/test_winograd.py`` bounds it: a few 1e-7 of the output's size for both).  Bigger tiles, F(4x4, 3x3), save more
 (4x) but their transforms have fractions like 1/6 and lose more precision.
 
 When it pays: the 16 GEMMs have inner dimension C, not 9C, and each reads and writes its own
 (C, T) and (O, T) blocks, so the saving shows on wide convs (many channels) and disappears on
 narrow ones, where the transforms' memory traffic is as large as the products.
-``conv.WINOGRAD_MIN_CHANNELS`` is where ``Conv2dFn`` starts using it on the CPU (measured with
-``minimask bench ops``); the GPU keeps im2col and cuBLAS.
+``conv.WINOGRAD_AUTO`` says where ``Conv2dFn`` uses it on the CPU (measured against im2col at
+the presets' sizes; ``minimask bench ops`` has a column for it); the GPU keeps im2col and
+cuBLAS.
 """
 
 import numpy as np
@@ -51,7 +52,7 @@ from ..kernels import winograd as tiles
 # The V and M blocks of one chunk of tiles together take at most this many bytes (bands of
 # tile rows of one image when an image needs more), so that the GEMMs read blocks still in
 # cache; but a band has at least MIN_CHUNK_TILES tiles, the GEMMs' N.
-CHUNK_BYTES = 16 * 2**20
+CHUNK_BYTES = 2 * 2**20
 MIN_CHUNK_TILES = 512
 
 

@@ -25,7 +25,7 @@ loops and for the same reason (``kernels/im2col.py``).
 """
 
 import numpy as np
-from numba import njit, prange
+from numba import njit
 
 from ..backend import get_array_module
 
@@ -109,110 +109,131 @@ def output_tiles_adjoint_reference(gy, th, tw):
     return np.ascontiguousarray(gm.transpose(4, 5, 1, 0, 2, 3)).reshape(16, o, m * th * tw)
 
 
-# ---- 2. the Numba loops: one tile at a time, the products written out as adds --------------
+# ---- 2. the Numba loops: a row of tiles at a time, the products written out as adds --------
 # B^T, B, A^T and A hold only 0 and +-1, so each product with a 4-vector is a few adds:
 #     B^T (d0, d1, d2, d3) = (d0 - d2, d1 + d2, d2 - d1, d1 - d3)
 #     B   (v0, v1, v2, v3) = (v0, v1 - v2 + v3, v1 + v2 - v0, -v3)
 #     A^T (m0, m1, m2, m3) = (m0 + m1 + m2, m1 - m2 - m3)
 #     A   (g0, g1)         = (g0, g0 + g1, g0 - g1, -g1)
-# and a 4x4 transform X^T d X is that map on each column of d, then on each row of the result.
-@njit(cache=True, parallel=True)
+# and a 4x4 transform X^T d X is that map down each column of d, then along each row of the
+# result.  Each loop works on one row of tiles of one channel in two passes over scratch rows,
+# so that every inner loop runs over consecutive tiles (consecutive in V and M) or pixels: SIMD
+# code, about as fast as copying the arrays.  (One tile at a time, with the 16 values in a 4x4
+# scratch, was 2-5 times slower.)  One thread, as the im2col loops: a parallel loop was slower
+# here even on two idle cores.
+@njit(cache=True)
 def _input_tiles_numba(xpad, th, tw, out):
-    # Row-wise: first B^T down the columns, for a whole row of tiles at once (four row
-    # combinations), then B^T along each of those rows, tile by tile; the inner loops run over
-    # pixels and tiles, consecutive in memory (SIMD-friendly).
     m, c, wp = xpad.shape[0], xpad.shape[1], xpad.shape[3]
-    for bc in prange(m * c):  # one image channel per task: no two write one pixel
-        b, ch = bc // c, bc % c
-        p = np.empty((4, wp), dtype=xpad.dtype)
-        for ty in range(th):
-            r = 2 * ty
-            for q in range(wp):  # P = B^T d for every tile of the row
-                d1, d2 = xpad[b, ch, r + 1, q], xpad[b, ch, r + 2, q]
-                p[0, q] = xpad[b, ch, r, q] - d2
-                p[1, q] = d1 + d2
-                p[2, q] = d2 - d1
-                p[3, q] = d1 - xpad[b, ch, r + 3, q]
-            t0 = (b * th + ty) * tw
-            for i in range(4):  # V = P B, row i of each tile's P
-                for tx in range(tw):
-                    q = 2 * tx
-                    p1, p2 = p[i, q + 1], p[i, q + 2]
-                    out[4 * i, ch, t0 + tx] = p[i, q] - p2
-                    out[4 * i + 1, ch, t0 + tx] = p1 + p2
-                    out[4 * i + 2, ch, t0 + tx] = p2 - p1
-                    out[4 * i + 3, ch, t0 + tx] = p1 - p[i, q + 3]
+    p = np.empty((4, wp), dtype=xpad.dtype)
+    for b in range(m):
+        for ch in range(c):
+            for ty in range(th):
+                r = 2 * ty
+                for q in range(wp):  # pass 1: P = B^T d down the columns, the whole row at once
+                    d1, d2 = xpad[b, ch, r + 1, q], xpad[b, ch, r + 2, q]
+                    p[0, q] = xpad[b, ch, r, q] - d2
+                    p[1, q] = d1 + d2
+                    p[2, q] = d2 - d1
+                    p[3, q] = d1 - xpad[b, ch, r + 3, q]
+                t0 = (b * th + ty) * tw
+                for i in range(4):  # pass 2: V = P B along the rows, tile by tile
+                    for tx in range(tw):
+                        q = 2 * tx
+                        p1, p2 = p[i, q + 1], p[i, q + 2]
+                        out[4 * i, ch, t0 + tx] = p[i, q] - p2
+                        out[4 * i + 1, ch, t0 + tx] = p1 + p2
+                        out[4 * i + 2, ch, t0 + tx] = p2 - p1
+                        out[4 * i + 3, ch, t0 + tx] = p1 - p[i, q + 3]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _input_tiles_adjoint_numba(gv, th, tw, gxpad):
     m, c = gxpad.shape[0], gxpad.shape[1]
-    for bc in prange(m * c):  # one image channel per task: no two write one pixel
-        b, ch = bc // c, bc % c
-        q = np.empty((4, 4), dtype=gv.dtype)
-        img = gxpad[b, ch]
-        for ty in range(th):
-            for tx in range(tw):
-                t = (b * th + ty) * tw + tx
-                for j in range(4):  # Q = B gV, a column at a time
-                    v0 = gv[j, ch, t]
-                    v1 = gv[4 + j, ch, t]
-                    v2 = gv[8 + j, ch, t]
-                    v3 = gv[12 + j, ch, t]
-                    q[0, j], q[1, j], q[2, j], q[3, j] = v0, v1 - v2 + v3, v1 + v2 - v0, -v3
-                for i in range(4):  # gd = Q B^T, a row at a time, added onto the tile
+    gd = np.empty((16, tw), dtype=gv.dtype)
+    for b in range(m):
+        for ch in range(c):
+            for ty in range(th):
+                t0 = (b * th + ty) * tw
+                for j in range(4):  # pass 1: Q = B gV down the columns, then gd = Q B^T
+                    for tx in range(tw):
+                        v0, v1 = gv[j, ch, t0 + tx], gv[4 + j, ch, t0 + tx]
+                        v2, v3 = gv[8 + j, ch, t0 + tx], gv[12 + j, ch, t0 + tx]
+                        gd[j, tx] = v0  # column j of Q, kept in gd's rows until the next pass
+                        gd[4 + j, tx] = v1 - v2 + v3
+                        gd[8 + j, tx] = v1 + v2 - v0
+                        gd[12 + j, tx] = -v3
+                for i in range(4):
+                    for tx in range(tw):  # row i of Q -> row i of gd = B applied along it
+                        q0, q1 = gd[4 * i, tx], gd[4 * i + 1, tx]
+                        q2, q3 = gd[4 * i + 2, tx], gd[4 * i + 3, tx]
+                        gd[4 * i, tx] = q0
+                        gd[4 * i + 1, tx] = q1 - q2 + q3
+                        gd[4 * i + 2, tx] = q1 + q2 - q0
+                        gd[4 * i + 3, tx] = -q3
+                    # pass 2: add row i of every tile onto padded row 2 ty + i.  Tiles overlap by
+                    # two columns: column 2 t gets column 0 of tile t and column 2 of tile t - 1.
                     r = 2 * ty + i
-                    img[r, 2 * tx] += q[i, 0]
-                    img[r, 2 * tx + 1] += q[i, 1] - q[i, 2] + q[i, 3]
-                    img[r, 2 * tx + 2] += q[i, 1] + q[i, 2] - q[i, 0]
-                    img[r, 2 * tx + 3] -= q[i, 3]
+                    gxpad[b, ch, r, 0] += gd[4 * i, 0]
+                    gxpad[b, ch, r, 1] += gd[4 * i + 1, 0]
+                    for tx in range(1, tw):
+                        gxpad[b, ch, r, 2 * tx] += gd[4 * i, tx] + gd[4 * i + 2, tx - 1]
+                        gxpad[b, ch, r, 2 * tx + 1] += gd[4 * i + 1, tx] + gd[4 * i + 3, tx - 1]
+                    gxpad[b, ch, r, 2 * tw] += gd[4 * i + 2, tw - 1]
+                    gxpad[b, ch, r, 2 * tw + 1] += gd[4 * i + 3, tw - 1]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _output_tiles_numba(mt, th, tw, ho, wo, y):
     m, o = y.shape[0], y.shape[1]
-    for bc in prange(m * o):  # one image channel per task: no two write one pixel
-        b, oc = bc // o, bc % o
-        s = np.empty((2, 4), dtype=mt.dtype)
-        img = y[b, oc]
-        for ty in range(th):
-            for tx in range(tw):
-                t = (b * th + ty) * tw + tx
-                for j in range(4):  # S = A^T M, a column at a time
-                    m0 = mt[j, oc, t]
-                    m1 = mt[4 + j, oc, t]
-                    m2 = mt[8 + j, oc, t]
-                    m3 = mt[12 + j, oc, t]
-                    s[0, j], s[1, j] = m0 + m1 + m2, m1 - m2 - m3
-                for i in range(2):  # y_t = S A, a row at a time; the overhang is dropped
+    s = np.empty((8, tw), dtype=mt.dtype)
+    row = np.empty(2 * tw, dtype=mt.dtype)
+    for b in range(m):
+        for oc in range(o):
+            for ty in range(th):
+                t0 = (b * th + ty) * tw
+                for j in range(4):  # pass 1: S = A^T M down the columns, tile by tile
+                    for tx in range(tw):
+                        m1, m2 = mt[4 + j, oc, t0 + tx], mt[8 + j, oc, t0 + tx]
+                        s[j, tx] = mt[j, oc, t0 + tx] + m1 + m2
+                        s[4 + j, tx] = m1 - m2 - mt[12 + j, oc, t0 + tx]
+                for i in range(2):  # pass 2: y_t = S A along the rows; the overhang is dropped
                     r = 2 * ty + i
-                    if r < ho:
-                        img[r, 2 * tx] = s[i, 0] + s[i, 1] + s[i, 2]
-                        if 2 * tx + 1 < wo:
-                            img[r, 2 * tx + 1] = s[i, 1] - s[i, 2] - s[i, 3]
+                    if r >= ho:
+                        break
+                    for tx in range(tw):
+                        s1, s2 = s[4 * i + 1, tx], s[4 * i + 2, tx]
+                        row[2 * tx] = s[4 * i, tx] + s1 + s2
+                        row[2 * tx + 1] = s1 - s2 - s[4 * i + 3, tx]
+                    for q in range(wo):
+                        y[b, oc, r, q] = row[q]
 
 
-@njit(cache=True, parallel=True)
+@njit(cache=True)
 def _output_tiles_adjoint_numba(gy, th, tw, out):
     m, o, ho, wo = gy.shape
-    zero = np.zeros(1, dtype=gy.dtype)[0]
-    for bc in prange(m * o):  # one image channel per task: no two write one pixel
-        b, oc = bc // o, bc % o
-        r2 = np.empty((4, 2), dtype=gy.dtype)
-        img = gy[b, oc]
-        for ty in range(th):
-            for tx in range(tw):
-                t = (b * th + ty) * tw + tx
-                for j in range(2):  # R = A gy_t, a column at a time (zero past the edge)
-                    col = 2 * tx + j
-                    g0 = img[2 * ty, col] if col < wo else zero
-                    g1 = img[2 * ty + 1, col] if (col < wo and 2 * ty + 1 < ho) else zero
-                    r2[0, j], r2[1, j], r2[2, j], r2[3, j] = g0, g0 + g1, g0 - g1, -g1
-                for i in range(4):  # gM_t = R A^T, a row at a time
-                    out[4 * i, oc, t] = r2[i, 0]
-                    out[4 * i + 1, oc, t] = r2[i, 0] + r2[i, 1]
-                    out[4 * i + 2, oc, t] = r2[i, 0] - r2[i, 1]
-                    out[4 * i + 3, oc, t] = -r2[i, 1]
+    e = np.zeros((2, 2 * tw), dtype=gy.dtype)  # two rows of gy, zero past its right edge
+    rr = np.empty((8, tw), dtype=gy.dtype)
+    for b in range(m):
+        for oc in range(o):
+            for ty in range(th):
+                for i in range(2):  # the tile row's two rows of gy (zero past the bottom)
+                    r = 2 * ty + i
+                    for q in range(wo):
+                        e[i, q] = gy[b, oc, r, q] if r < ho else 0
+                for tx in range(tw):  # pass 1: R = A g_t down the two columns of each tile
+                    a0, a1, b0, b1 = e[0, 2 * tx], e[0, 2 * tx + 1], e[1, 2 * tx], e[1, 2 * tx + 1]
+                    rr[0, tx], rr[1, tx] = a0, a1
+                    rr[2, tx], rr[3, tx] = a0 + b0, a1 + b1
+                    rr[4, tx], rr[5, tx] = a0 - b0, a1 - b1
+                    rr[6, tx], rr[7, tx] = -b0, -b1
+                t0 = (b * th + ty) * tw
+                for i in range(4):  # pass 2: gM_t = R A^T along each row: (r0, r0 + r1, r0 - r1, -r1)
+                    for tx in range(tw):
+                        r0, r1 = rr[2 * i, tx], rr[2 * i + 1, tx]
+                        out[4 * i, oc, t0 + tx] = r0
+                        out[4 * i + 1, oc, t0 + tx] = r0 + r1
+                        out[4 * i + 2, oc, t0 + tx] = r0 - r1
+                        out[4 * i + 3, oc, t0 + tx] = -r1
 
 
 def input_tiles(xpad, th, tw, out=None):
