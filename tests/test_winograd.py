@@ -47,8 +47,14 @@ def test_filter_transform_is_g_g_gt(rng):
 def test_numba_transforms_match_the_reference(rng, dtype, xs, o, padding):
     th, tw = _tiles(xs, padding)
     m, c, h, w = xs
-    xpad = K.padded_tiles(rng.standard_normal(xs).astype(dtype), (padding, padding), th, tw)
-    np.testing.assert_array_equal(K.input_tiles(xpad, th, tw), K.input_tiles_reference(xpad, th, tw))
+    x = rng.standard_normal(xs).astype(dtype)
+    xpad = K.padded_tiles(x, (padding, padding), th, tw)
+    np.testing.assert_array_equal(K.input_tiles(x, (padding, padding), 0, th, tw),
+                                  K.input_tiles_reference(xpad, th, tw))
+    for ty0 in range(th):  # a band of tile rows reads the rows the whole does
+        np.testing.assert_array_equal(
+            K.input_tiles(x, (padding, padding), ty0, 1, tw),
+            K.input_tiles_reference(xpad[:, :, 2 * ty0:2 * ty0 + 4], 1, tw))
     gv = rng.standard_normal((16, c, m * th * tw)).astype(dtype)
     tol = dict(rtol=1e-6, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(K.input_tiles_adjoint_add(gv, th, tw, np.zeros_like(xpad)),
@@ -72,7 +78,8 @@ def test_each_transform_and_its_adjoint_are_transposes(rng, xs, o, padding):
     xpad = rng.standard_normal((m, c, 2 * th + 2, 2 * tw + 2))
     gv = rng.standard_normal((16, c, m * th * tw))
     pairs = [(K.input_tiles_reference(xpad, th, tw), K.input_tiles_adjoint_reference(gv, m, th, tw)),
-             (K.input_tiles(xpad, th, tw), K.input_tiles_adjoint_add(gv, th, tw, np.zeros_like(xpad)))]
+             (K.input_tiles(xpad, (0, 0), 0, th, tw),
+              K.input_tiles_adjoint_add(gv, th, tw, np.zeros_like(xpad)))]
     for fwd, adj in pairs:
         np.testing.assert_allclose((fwd * gv).sum(), (xpad * adj).sum(), rtol=1e-10)
     mt, gy = rng.standard_normal((16, o, m * th * tw)), rng.standard_normal((m, o, ho, wo))
@@ -83,10 +90,9 @@ def test_each_transform_and_its_adjoint_are_transposes(rng, xs, o, padding):
 
 
 def test_transforms_read_and_write_views(rng):
-    """The convolution hands bands of rows (views) to the loops: the same numbers as copies."""
-    xpad = rng.standard_normal((2, 3, 12, 8))
-    band = xpad[1:2, :, 4:10]  # tile rows 2:4 of image 1, a non-contiguous view
-    np.testing.assert_array_equal(K.input_tiles(band, 2, 3), K.input_tiles(band.copy(), 2, 3))
+    """The convolution hands images and bands of rows (views) to the loops: the same numbers as copies."""
+    x = rng.standard_normal((3, 3, 12, 8))[1:, :, :, 1:]  # a non-contiguous view
+    np.testing.assert_array_equal(K.input_tiles(x, (1, 1), 2, 2, 4), K.input_tiles(x.copy(), (1, 1), 2, 2, 4))
     y, mt = np.zeros((2, 3, 9, 6)), rng.standard_normal((16, 3, 6))
     K.output_tiles(mt, 2, 3, y[1:2, :, 4:8])
     expected = np.zeros((2, 3, 9, 6))

@@ -33,9 +33,9 @@ Every step is linear, so the backward pass is the same steps transposed, in reve
     gV[k] = U[k]^T @ gM[k]  ->  gx = B gV B^T, tiles added where they overlap
 
 The same numbers as the direct convolution up to rounding: B and A hold only 0 and +-1, G
-halves, so in float32 its error against the exact result is of im2col's order
-(``tests/test_winograd.py`` bounds it: a few 1e-7 of the output's size for both).  Bigger tiles, F(4x4, 3x3), save more
-(4x) but their transforms have fractions like 1/6 and lose more precision.
+halves, so in float32 its error against the exact result is of im2col's order (a few 1e-7 of
+the output's size for both; ``tests/test_winograd.py`` bounds it).  Bigger tiles, F(4x4, 3x3),
+save more (4x) but their transforms have fractions like 1/6 and lose more precision.
 
 When it pays: the 16 GEMMs have inner dimension C, not 9C, and each reads and writes its own
 (C, T) and (O, T) blocks, so the saving shows on wide convs (many channels) and disappears on
@@ -121,10 +121,9 @@ def winograd_forward(x, w, padding):
     """y = conv2d(x, w) for a 3x3 stride-1 conv, by F(2x2, 3x3): M = U @ V, y = A^T M A."""
     t = _Tiling(x.shape, w.shape[0], padding)
     u = transform_filters(w)
-    xpad = tiles.padded_tiles(x, padding, t.th, t.tw)
     y = np.empty((t.n, t.o, t.ho, t.wo), dtype=x.dtype)
     for n0, n1, ty0, ty1 in t.chunks(x.itemsize):
-        v = tiles.input_tiles(t.band(xpad, n0, n1, ty0, ty1), ty1 - ty0, t.tw)
+        v = tiles.input_tiles(x[n0:n1], padding, ty0, ty1 - ty0, t.tw)
         tiles.output_tiles(np.matmul(u, v), ty1 - ty0, t.tw, y[n0:n1, :, t.out_rows(ty0, ty1)])
     return y
 
@@ -132,7 +131,6 @@ def winograd_forward(x, w, padding):
 def winograd_backward(x, w, gy, padding, need_x=True, need_w=True):
     """(gx, gw) of y = conv2d(x, w): the forward's steps transposed (see the module docstring)."""
     t = _Tiling(x.shape, w.shape[0], padding)
-    xpad = tiles.padded_tiles(x, padding, t.th, t.tw) if need_w else None
     ut = np.ascontiguousarray(transform_filters(w).transpose(0, 2, 1)) if need_x else None
     gu = np.zeros((16, t.o, t.c), dtype=x.dtype) if need_w else None
     gxpad = np.zeros((t.n, t.c, 2 * t.th + 2, 2 * t.tw + 2), dtype=x.dtype) if need_x else None
@@ -140,7 +138,7 @@ def winograd_backward(x, w, gy, padding, need_x=True, need_w=True):
         nt = ty1 - ty0
         gm = tiles.output_tiles_adjoint(gy[n0:n1, :, t.out_rows(ty0, ty1)], nt, t.tw)
         if need_w:
-            v = tiles.input_tiles(t.band(xpad, n0, n1, ty0, ty1), nt, t.tw)
+            v = tiles.input_tiles(x[n0:n1], padding, ty0, nt, t.tw)
             gu += np.matmul(gm, v.transpose(0, 2, 1))
         if need_x:
             tiles.input_tiles_adjoint_add(np.matmul(ut, gm), nt, t.tw, t.band(gxpad, n0, n1, ty0, ty1))

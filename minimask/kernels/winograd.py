@@ -122,20 +122,32 @@ def output_tiles_adjoint_reference(gy, th, tw):
 # scratch, was 2-5 times slower.)  One thread, as the im2col loops: a parallel loop was slower
 # here even on two idle cores.
 @njit(cache=True)
-def _input_tiles_numba(xpad, th, tw, out):
-    m, c, wp = xpad.shape[0], xpad.shape[1], xpad.shape[3]
-    p = np.empty((4, wp), dtype=xpad.dtype)
+def _input_tiles_numba(x, ph, pw, ty0, nt, tw, out):
+    # Reads the unpadded input: each tile row's four padded rows are copied into a scratch
+    # (zeros where they hang over the border), so no padded copy of the whole input is made.
+    m, c, h, w = x.shape
+    wp = 2 * tw + 2
+    cols = min(w, wp - pw)  # the columns of x that tiles read
+    d = np.zeros((4, wp), dtype=x.dtype)
+    p = np.empty((4, wp), dtype=x.dtype)
     for b in range(m):
         for ch in range(c):
-            for ty in range(th):
-                r = 2 * ty
+            for ty in range(nt):
+                r0 = 2 * (ty0 + ty) - ph
+                for i in range(4):  # the padded rows r0 .. r0 + 3 (columns outside stay zero)
+                    r = r0 + i
+                    if 0 <= r < h:
+                        for j in range(cols):
+                            d[i, pw + j] = x[b, ch, r, j]
+                    else:
+                        for j in range(cols):
+                            d[i, pw + j] = 0
                 for q in range(wp):  # pass 1: P = B^T d down the columns, the whole row at once
-                    d1, d2 = xpad[b, ch, r + 1, q], xpad[b, ch, r + 2, q]
-                    p[0, q] = xpad[b, ch, r, q] - d2
-                    p[1, q] = d1 + d2
-                    p[2, q] = d2 - d1
-                    p[3, q] = d1 - xpad[b, ch, r + 3, q]
-                t0 = (b * th + ty) * tw
+                    p[0, q] = d[0, q] - d[2, q]
+                    p[1, q] = d[1, q] + d[2, q]
+                    p[2, q] = d[2, q] - d[1, q]
+                    p[3, q] = d[1, q] - d[3, q]
+                t0 = (b * nt + ty) * tw
                 for i in range(4):  # pass 2: V = P B along the rows, tile by tile
                     for tx in range(tw):
                         q = 2 * tx
@@ -236,13 +248,15 @@ def _output_tiles_adjoint_numba(gy, th, tw, out):
                         out[4 * i + 3, oc, t0 + tx] = -r1
 
 
-def input_tiles(xpad, th, tw, out=None):
-    """V (16, C, m th tw) of xpad (m, C, 2 th + 2, 2 tw + 2), a NumPy array or a view of one
-    (``out``: filled instead of a new array)."""
-    m, c = xpad.shape[:2]
+def input_tiles(x, padding, ty0, nt, tw, out=None):
+    """V (16, C, m nt tw) of tile rows ty0 .. ty0 + nt - 1 of x (m, C, H, W), a NumPy array or
+    a view of one, zero-padded by ``padding`` on top and left (and as needed bottom and right):
+    the same as ``input_tiles_reference`` of those rows of ``padded_tiles(x, ...)``.
+    ``out``: filled instead of a new array."""
+    m, c = x.shape[:2]
     if out is None:
-        out = np.empty((16, c, m * th * tw), dtype=xpad.dtype)
-    _input_tiles_numba(xpad, th, tw, out)
+        out = np.empty((16, c, m * nt * tw), dtype=x.dtype)
+    _input_tiles_numba(x, padding[0], padding[1], ty0, nt, tw, out)
     return out
 
 
