@@ -19,6 +19,25 @@ def test_relu_gradient_and_values(rng):
     np.testing.assert_array_equal(F.relu(x).data, np.where(x.data > 0, x.data, 0))
 
 
+@pytest.mark.parametrize("b_shape", [(2, 3, 4, 5), (1, 3, 1, 1)])
+def test_add_relu_is_relu_of_the_sum(rng, b_shape):
+    """The fused residual end: its gradient by finite differences (float64, broadcasting too),
+    and the same bits as relu(a + b) in float32, forward and backward."""
+    b = rng.standard_normal(b_shape)
+    a = away_from_zero(rng, 2, 3, 4, 5) - b  # a + b away from ReLU's kink
+    a, b = Tensor(a, requires_grad=True), Tensor(b, requires_grad=True)
+    assert gradcheck(F.add_relu, [a, b])
+    a32, b32 = (Tensor(v.data.astype(np.float32), requires_grad=True) for v in (a, b))
+    a2, b2 = (Tensor(v.data.copy(), requires_grad=True) for v in (a32, b32))
+    gy = rng.standard_normal((2, 3, 4, 5)).astype(np.float32)
+    fused, plain = F.add_relu(a32, b32), F.relu(a2 + b2)
+    np.testing.assert_array_equal(fused.data, plain.data)
+    fused.backward(gy)
+    plain.backward(gy)
+    np.testing.assert_array_equal(a32.grad, a2.grad)
+    np.testing.assert_array_equal(b32.grad, b2.grad)
+
+
 def test_relu_keeps_float32():
     x = Tensor(np.array([-1.5, 2.0], dtype=np.float32))
     assert F.relu(x).dtype == np.float32

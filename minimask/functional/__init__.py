@@ -4,7 +4,7 @@ Imported as ``F`` (``from minimask import functional as F``); names and argument
 ``torch.nn.functional`` and ``torchvision.ops`` so that the same numbers give the same results.
 """
 
-from .activation import log_softmax, relu, sigmoid, softmax
+from .activation import add_relu, log_softmax, relu, sigmoid, softmax
 from .arith import abs, add, cast, div, exp, log, matmul, mean, mul, neg, pow, sqrt, sub, sum
 from .conv import conv2d, conv_transpose2d, max_pool2d
 from .linear import linear
@@ -17,7 +17,7 @@ from .shape import cat, concat, flatten, getitem, pad2d, permute, reshape, stack
 __all__ = [
     "abs", "add", "cast", "div", "exp", "log", "matmul", "mean", "mul", "neg", "pow", "sqrt", "sub", "sum",
     "cat", "concat", "flatten", "getitem", "pad2d", "permute", "reshape", "stack", "transpose",
-    "relu", "sigmoid", "softmax", "log_softmax", "linear",
+    "relu", "add_relu", "sigmoid", "softmax", "log_softmax", "linear",
     "conv2d", "conv_transpose2d", "max_pool2d", "batch_norm", "batch_norm_affine", "channel_affine",
     "frozen_batch_norm",
     "interpolate",

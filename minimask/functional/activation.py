@@ -12,6 +12,7 @@ that exp only ever sees a number <= 0, so any finite logit gives a finite, exact
 
 from ..backend import get_array_module
 from ..tensor import Function
+from .arith import sum_to
 
 
 def stable_sigmoid(x):
@@ -34,6 +35,24 @@ class ReLU(Function):
 
     def backward(self, gy):
         return gy * self.positive
+
+
+class AddReLU(Function):
+    """y = max(a + b, 0): the end of a residual block, "F(x) + x, then ReLU" (He et al. 2016,
+    Fig. 2), in one array and one pass instead of two;  da = db = gy where y > 0.
+
+    The same numbers as ``relu(a + b)`` to the bit, forward and backward: the same sum, the
+    same maximum, in place on the sum, which nobody else holds."""
+
+    def forward(self, a, b):
+        y = a + b
+        get_array_module(y).maximum(y, 0, out=y)
+        self.save_for_backward(positive=y > 0, shapes=(a.shape, b.shape))
+        return y
+
+    def backward(self, gy):
+        g = gy * self.positive
+        return sum_to(g, self.shapes[0]), sum_to(g, self.shapes[1])
 
 
 class Sigmoid(Function):
@@ -88,6 +107,11 @@ class LogSoftmax(Function):
     def backward(self, gy):
         xp = get_array_module(gy)
         return gy - xp.exp(self.y) * gy.sum(axis=self.axis, keepdims=True)
+
+
+def add_relu(a, b):
+    """max(a + b, 0) in one step (see ``AddReLU``)."""
+    return AddReLU()(a, b)
 
 
 def relu(x):

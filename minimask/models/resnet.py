@@ -61,7 +61,7 @@ class BasicBlock(nn.Module):
     def forward(self, x):
         y = F.relu(nn.conv_norm(self.conv1, self.bn1, x))
         y = nn.conv_norm(self.conv2, self.bn2, y)
-        return F.relu(y + _shortcut_of(self, x))
+        return F.add_relu(y, _shortcut_of(self, x))  # relu(y + shortcut) in one pass
 
 
 class Bottleneck(nn.Module):
@@ -87,7 +87,7 @@ class Bottleneck(nn.Module):
         y = F.relu(nn.conv_norm(self.conv1, self.bn1, x))
         y = F.relu(nn.conv_norm(self.conv2, self.bn2, y))
         y = nn.conv_norm(self.conv3, self.bn3, y)
-        return F.relu(y + _shortcut_of(self, x))
+        return F.add_relu(y, _shortcut_of(self, x))  # relu(y + shortcut) in one pass
 
 
 def _shortcut_of(block, x):
