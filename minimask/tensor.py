@@ -308,13 +308,18 @@ class Function:
 
     freed = False
     saved_names = ()  # what save_for_backward recorded: the state backward reads, freed by release
+    # Whether this call is recorded for backward (set by __call__ before forward runs): when
+    # False (under no_grad, or no input wants a gradient) a forward may skip computing what only
+    # its backward reads, such as ReLU's mask.  True for a forward called directly.
+    recording = True
 
     def __call__(self, *inputs):
         tensors = [x if isinstance(x, Tensor) else Tensor(x) for x in inputs]
+        needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
+        self.recording = needs_grad
         outs = self.forward(*[t.data for t in tensors])
         single = not isinstance(outs, tuple)
         outs = (outs,) if single else outs
-        needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
         results = [Tensor(y, requires_grad=needs_grad) for y in outs]
         if needs_grad:
             self.inputs = tensors
@@ -352,7 +357,7 @@ class Function:
 
 
 # the links Function.__call__ sets on a node after forward: saved state may not take these names
-_ENGINE_NAMES = ("inputs", "outputs", "output_meta", "needs_input_grad")
+_ENGINE_NAMES = ("inputs", "outputs", "output_meta", "needs_input_grad", "recording")
 
 
 class _Freed:

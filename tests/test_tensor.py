@@ -237,7 +237,8 @@ def _one_call_per_function_class(rng):
         ("Reshape", x2.reshape(12)), ("Transpose", x2.T), ("GetItem", x2[x2.data > 0]),
         ("Concat", F.concat([x2, pos], axis=1)), ("Stack", F.stack([x2, pos])),
         ("Pad", F.pad2d(x4, (1, 0, 0, 1))),
-        ("ReLU", F.relu(x2)), ("Sigmoid", F.sigmoid(x2)), ("Softmax", F.softmax(x2)),
+        ("ReLU", F.relu(x2)), ("AddReLU", F.add_relu(x2, x2 * 0.5)),
+        ("Sigmoid", F.sigmoid(x2)), ("Softmax", F.softmax(x2)),
         ("LogSoftmax", F.log_softmax(x2)), ("Linear", F.linear(x2, pos, t64(rng, 3))),
         ("Conv2dFn", F.conv2d(x4, w4, stride=2)), ("ConvTranspose2dFn", F.conv_transpose2d(x4, w4, stride=2)),
         ("MaxPool2dFn", F.max_pool2d(x4, 3, 1, 1)),
@@ -392,3 +393,31 @@ def test_flatten_empty_batch():
     assert y.shape == (0, 18) and x.flatten(1).shape == (0, 18)
     y.sum().backward()
     assert x.grad.shape == (0, 2, 3, 3)
+
+
+def test_forward_knows_whether_it_is_recorded(rng):
+    """``Function.recording``, set before forward: True when backward will run through this
+    call, False under no_grad or when no input wants a gradient (ReLU then keeps no mask)."""
+    from minimask.functional.activation import ReLU
+    from minimask.tensor import Function
+
+    class Probe(Function):
+        def forward(self, x):
+            self.seen = self.recording  # a plain attribute: not state for backward
+            return x * 2
+
+        def backward(self, gy):
+            return gy * 2
+
+    x = Tensor(rng.standard_normal(3), requires_grad=True)
+    calls = [Probe(), Probe(), Probe()]
+    calls[0](x)
+    with no_grad():
+        calls[1](x)
+    calls[2](Tensor(x.data))  # a constant input
+    assert [c.seen for c in calls] == [True, False, False]
+    relu = ReLU()
+    with no_grad():
+        y = relu(x)
+    assert not hasattr(relu, "positive") and y.creator is None
+    np.testing.assert_array_equal(y.data, np.maximum(x.data, 0))

@@ -30,7 +30,8 @@ class ReLU(Function):
     """y = max(x, 0);  dx = gy where x > 0, else 0 (the kink at 0 gets 0, as in PyTorch)."""
 
     def forward(self, x):
-        self.save_for_backward(positive=x > 0)  # a bool mask, a quarter of x's float32 bytes
+        if self.recording:  # a bool mask, a quarter of x's float32 bytes, for backward only
+            self.save_for_backward(positive=x > 0)
         return get_array_module(x).maximum(x, 0)  # a Python 0 keeps x's dtype
 
     def backward(self, gy):
@@ -47,7 +48,8 @@ class AddReLU(Function):
     def forward(self, a, b):
         y = a + b
         get_array_module(y).maximum(y, 0, out=y)
-        self.save_for_backward(positive=y > 0, shapes=(a.shape, b.shape))
+        if self.recording:
+            self.save_for_backward(positive=y > 0, shapes=(a.shape, b.shape))
         return y
 
     def backward(self, gy):
