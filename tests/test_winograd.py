@@ -209,6 +209,15 @@ def test_the_shapes_model_never_uses_winograd(monkeypatch):
     assert picked and not any(picked)
 
 
+def test_winograd_forward_with_im2col_backward(rng, monkeypatch):
+    """"auto" may pick Winograd for the forward and im2col for the backward (64 channels on a
+    large map): the gradients are im2col's, with no columns kept from a forward that built none."""
+    monkeypatch.setitem(conv_module.WINOGRAD_AUTO, "forward", (1, 1))
+    monkeypatch.setitem(conv_module.WINOGRAD_AUTO, "backward", (10**9, 0))
+    x, w = t64(rng, 2, 3, 6, 5), t64(rng, 4, 3, 3, 3)
+    assert gradcheck(lambda x, w: Conv2dFn(1, 1)(x, w), [x, w])
+
+
 def test_asking_for_winograd_where_it_cannot_run_is_named(rng):
     x, w = Tensor(rng.standard_normal((1, 2, 6, 6))), Tensor(rng.standard_normal((3, 2, 3, 3)))
     with pytest.raises(ValueError, match="method 'winograd' computes 3x3 stride-1"):
