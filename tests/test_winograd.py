@@ -30,6 +30,12 @@ def test_the_matrices_compute_two_outputs_of_a_three_tap_filter(rng):
     np.testing.assert_allclose(K.AT @ ((K.G @ g) * (K.BT @ d)), direct, rtol=1e-12)
 
 
+def test_the_f4_matrices_compute_four_outputs_of_a_three_tap_filter(rng):
+    d, g = rng.standard_normal(6), rng.standard_normal(3)
+    direct = np.array([d[i:i + 3] @ g for i in range(4)])
+    np.testing.assert_allclose(K.AT4 @ ((K.G4 @ g) * (K.BT4 @ d)), direct, rtol=1e-12)
+
+
 def test_filter_transform_is_g_g_gt(rng):
     w = rng.standard_normal((3, 2, 3, 3))
     u = W.transform_filters(w)
@@ -224,3 +230,84 @@ def test_asking_for_winograd_where_it_cannot_run_is_named(rng):
         Conv2dFn(2, 1, method="winograd")(x, w)
     with pytest.raises(ValueError, match="method must be one of"):
         Conv2dFn(1, 1, method="fft")
+
+
+# ---- F(4x4, 3x3): forward only, for inference --------------------------------------------
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("xs, o, padding", CASES + [((1, 2, 10, 9), 3, 1)])
+def test_f4_loops_match_the_reference(rng, dtype, xs, o, padding):
+    m, c, h, w = xs
+    ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
+    th, tw = K.tile_counts4(ho, wo)
+    x = rng.standard_normal(xs).astype(dtype)
+    xpad = np.zeros((m, c, 4 * th + 2, 4 * tw + 2), dtype)
+    xpad[:, :, padding:padding + h, padding:padding + w] = x
+    tol = dict(rtol=1e-5, atol=1e-4) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(K.input_tiles4(x, (padding, padding), 0, th, tw),
+                               K.input_tiles4_reference(xpad, th, tw), **tol)
+    mt = rng.standard_normal((36, o, m * th * tw)).astype(dtype)
+    np.testing.assert_allclose(K.output_tiles4(mt, th, tw, np.empty((m, o, ho, wo), dtype)),
+                               K.output_tiles4_reference(mt, m, th, tw, ho, wo), **tol)
+
+
+@pytest.mark.parametrize("xs, o, padding", CASES + [((1, 2, 10, 9), 3, 1)])
+def test_f4_conv_matches_the_loop(rng, xs, o, padding):
+    x, w = rng.standard_normal(xs), rng.standard_normal((o, xs[1], 3, 3))
+    np.testing.assert_allclose(W.winograd_forward(x, w, (padding, padding), tile=4),
+                               loop_conv2d(x, w, None, 1, padding), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("budget, min_tiles", [(1, 1), (10**9, 1)])
+def test_f4_chunks_give_the_same_numbers(rng, monkeypatch, budget, min_tiles):
+    monkeypatch.setattr(W, "CHUNK_BYTES", budget)
+    monkeypatch.setattr(W, "MIN_CHUNK_TILES", min_tiles)
+    x, w = rng.standard_normal((3, 4, 13, 11)), rng.standard_normal((5, 4, 3, 3))
+    np.testing.assert_allclose(W.winograd_forward(x, w, (1, 1), tile=4), loop_conv2d(x, w, None, 1, 1),
+                               rtol=1e-10, atol=1e-10)
+
+
+def test_f4_float32_error_is_bounded(rng):
+    """Bigger tiles round more: F(4x4)'s float32 error against the exact result stays within
+    a few 1e-6 of the output's size (F(2x2)'s and im2col's: a few 1e-7)."""
+    x = rng.standard_normal((2, 64, 12, 10)).astype(np.float32)
+    w = (rng.standard_normal((32, 64, 3, 3)) / 24).astype(np.float32)
+    exact = loop_conv2d(x.astype(np.float64), w.astype(np.float64), None, 1, 1)
+    err = np.abs(W.winograd_forward(x, w, (1, 1), tile=4) - exact).max() / np.abs(exact).max()
+    assert err < 2e-5, err
+
+
+def test_auto_uses_f4_only_without_a_backward(rng, monkeypatch):
+    """"auto": F(4x4, 3x3) for an inference forward on a large map, F(2x2) when a backward
+    follows, on small maps, or with many channels."""
+    tiles_used = []
+    original = W.winograd_forward
+
+    def spy(x, w, padding, tile=2):
+        tiles_used.append(tile)
+        return original(x, w, padding, tile)
+
+    monkeypatch.setattr(W, "winograd_forward", spy)
+    monkeypatch.setitem(conv_module.WINOGRAD_AUTO, "forward", (1, 1))
+    monkeypatch.setitem(conv_module.WINOGRAD4_AUTO, "min_pixels", 100)
+    monkeypatch.setitem(conv_module.WINOGRAD4_AUTO, "max_channels", 8)
+    from minimask.tensor import no_grad
+
+    x, w = rng.standard_normal((1, 4, 12, 12)), rng.standard_normal((4, 4, 3, 3))
+    with no_grad():
+        y4 = Conv2dFn(1, 1)(Tensor(x), Tensor(w))                       # 144 pixels: F(4x4)
+        Conv2dFn(1, 1)(Tensor(x[:, :, :8, :8]), Tensor(w))              # 64 pixels: F(2x2)
+        Conv2dFn(1, 1)(Tensor(np.tile(x, (1, 4, 1, 1))), Tensor(np.tile(w, (4, 4, 1, 1))))  # 16 channels
+    Conv2dFn(1, 1)(Tensor(x, requires_grad=True), Tensor(w))            # a backward follows
+    assert tiles_used == [4, 2, 2, 2]
+    np.testing.assert_allclose(y4.data, loop_conv2d(x, w, None, 1, 1), rtol=1e-10, atol=1e-10)
+
+
+def test_f4_rule_at_r50_fpn_sizes():
+    def tile(recording, shape, o):
+        x = np.broadcast_to(np.float32(0), shape)  # only its shape is read
+        return conv_module.winograd_tile(recording, x, (o, shape[1], 3, 3), (1, 1))
+    assert tile(False, (1, 256, 200, 272), 256) == 4   # FPN's and the RPN's P2
+    assert tile(False, (1, 64, 200, 272), 64) == 4     # the ResNet's C2
+    assert tile(True, (1, 256, 200, 272), 256) == 2    # training
+    assert tile(False, (1, 512, 25, 34), 512) == 2     # C5: small map, many channels
+    assert tile(False, (100, 256, 14, 14), 256) == 2   # the mask head's RoIs

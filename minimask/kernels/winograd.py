@@ -279,3 +279,146 @@ def output_tiles_adjoint(gy, th, tw, out=None):
         out = np.empty((16, o, m * th * tw), dtype=gy.dtype)
     _output_tiles_adjoint_numba(np.ascontiguousarray(gy), th, tw, out)
     return out
+
+
+# ---- 3. F(4x4, 3x3): bigger tiles, for forward passes only ---------------------------------
+# 6x6 input tiles four pixels apart give 4x4 outputs from 36 products: 2.25 per output pixel
+# instead of F(2x2, 3x3)'s 4 (and im2col's 9).  The matrices (Lavin and Gray, Sec. 4.2) hold
+# 4, 5, 8 and fractions down to 1/24, so float32 rounding grows: about ten times F(2x2)'s error
+# (``tests/test_winograd.py`` bounds it), harmless for inference and not used for training.
+BT4 = np.array([[4, 0, -5, 0, 1, 0],
+                [0, -4, -4, 1, 1, 0],
+                [0, 4, -4, -1, 1, 0],
+                [0, -2, -1, 2, 1, 0],
+                [0, 2, -1, -2, 1, 0],
+                [0, 4, 0, -5, 0, 1]], dtype=np.float64)
+G4 = np.array([[1 / 4, 0, 0],
+               [-1 / 6, -1 / 6, -1 / 6],
+               [-1 / 6, 1 / 6, -1 / 6],
+               [1 / 24, 1 / 12, 1 / 6],
+               [1 / 24, -1 / 12, 1 / 6],
+               [0, 0, 1]], dtype=np.float64)
+AT4 = np.array([[1, 1, 1, 1, 1, 0],
+                [0, 1, -1, 2, -2, 0],
+                [0, 1, 1, 4, 4, 0],
+                [0, 1, -1, 8, -8, 1]], dtype=np.float64)
+
+
+def tile_counts4(ho, wo):
+    """(th, tw): 4x4 output tiles covering an ho x wo output (the last ones may hang over)."""
+    return -(-ho // 4), -(-wo // 4)
+
+
+def input_tiles4_reference(xpad, th, tw):
+    """V (36, C, m th tw) = B^T d B for every 6x6 tile d of xpad (m, C, 4 th + 2, 4 tw + 2)."""
+    m, c = xpad.shape[:2]
+    s = xpad.strides
+    d = np.lib.stride_tricks.as_strided(
+        xpad, (m, c, th, tw, 6, 6), (s[0], s[1], 4 * s[2], 4 * s[3], s[2], s[3]), writeable=False)
+    bt = BT4.astype(xpad.dtype)
+    v = bt @ d @ bt.T
+    return np.ascontiguousarray(v.transpose(4, 5, 1, 0, 2, 3)).reshape(36, c, m * th * tw)
+
+
+def output_tiles4_reference(mt, m, th, tw, ho, wo):
+    """y (m, O, ho, wo) from the products M (36, O, m th tw): A^T M_t A per tile, cut to ho x wo."""
+    o = mt.shape[1]
+    at = AT4.astype(mt.dtype)
+    y = at @ mt.reshape(6, 6, o, m, th, tw).transpose(3, 2, 4, 5, 0, 1) @ at.T  # (m, O, th, tw, 4, 4)
+    y = y.transpose(0, 1, 2, 4, 3, 5).reshape(m, o, 4 * th, 4 * tw)
+    return np.ascontiguousarray(y[:, :, :ho, :wo])
+
+
+# The loops have the two-pass shape of section 2, with B^T and A^T written out:
+#     B^T (d0..d5) = (4 d0 - 5 d2 + d4,  -4 d1 - 4 d2 + d3 + d4,  4 d1 - 4 d2 - d3 + d4,
+#                     -2 d1 - d2 + 2 d3 + d4,  2 d1 - d2 - 2 d3 + d4,  4 d1 - 5 d3 + d5)
+#     A^T (m0..m5) = (m0 + m1 + m2 + m3 + m4,  m1 - m2 + 2 m3 - 2 m4,
+#                     m1 + m2 + 4 m3 + 4 m4,  m1 - m2 + 8 m3 - 8 m4 + m5)
+@njit(cache=True, inline="always")
+def _bt4(d0, d1, d2, d3, d4, d5):
+    return (4 * d0 - 5 * d2 + d4, -4 * d1 - 4 * d2 + d3 + d4, 4 * d1 - 4 * d2 - d3 + d4,
+            -2 * d1 - d2 + 2 * d3 + d4, 2 * d1 - d2 - 2 * d3 + d4, 4 * d1 - 5 * d3 + d5)
+
+
+@njit(cache=True, inline="always")
+def _at4(m0, m1, m2, m3, m4, m5):
+    return (m0 + m1 + m2 + m3 + m4, m1 - m2 + 2 * m3 - 2 * m4, m1 + m2 + 4 * m3 + 4 * m4,
+            m1 - m2 + 8 * m3 - 8 * m4 + m5)
+
+
+@njit(cache=True)
+def _input_tiles4_numba(x, ph, pw, ty0, nt, tw, out):
+    m, c, h, w = x.shape
+    wp = 4 * tw + 2
+    cols = min(w, wp - pw)
+    d = np.zeros((6, wp), dtype=x.dtype)
+    p = np.empty((6, wp), dtype=x.dtype)
+    for b in range(m):
+        for ch in range(c):
+            for ty in range(nt):
+                r0 = 4 * (ty0 + ty) - ph
+                for i in range(6):  # the padded rows r0 .. r0 + 5 (columns outside stay zero)
+                    r = r0 + i
+                    if 0 <= r < h:
+                        for j in range(cols):
+                            d[i, pw + j] = x[b, ch, r, j]
+                    else:
+                        for j in range(cols):
+                            d[i, pw + j] = 0
+                for q in range(wp):  # pass 1: P = B^T d down the columns, the whole row at once
+                    p[0, q], p[1, q], p[2, q], p[3, q], p[4, q], p[5, q] = _bt4(
+                        d[0, q], d[1, q], d[2, q], d[3, q], d[4, q], d[5, q])
+                t0 = (b * nt + ty) * tw
+                for i in range(6):  # pass 2: V = P B along the rows, tile by tile
+                    for tx in range(tw):
+                        q = 4 * tx
+                        v0, v1, v2, v3, v4, v5 = _bt4(p[i, q], p[i, q + 1], p[i, q + 2],
+                                                      p[i, q + 3], p[i, q + 4], p[i, q + 5])
+                        out[6 * i, ch, t0 + tx] = v0
+                        out[6 * i + 1, ch, t0 + tx] = v1
+                        out[6 * i + 2, ch, t0 + tx] = v2
+                        out[6 * i + 3, ch, t0 + tx] = v3
+                        out[6 * i + 4, ch, t0 + tx] = v4
+                        out[6 * i + 5, ch, t0 + tx] = v5
+
+
+@njit(cache=True)
+def _output_tiles4_numba(mt, th, tw, ho, wo, y):
+    m, o = y.shape[0], y.shape[1]
+    s = np.empty((24, tw), dtype=mt.dtype)
+    row = np.empty(4 * tw, dtype=mt.dtype)
+    for b in range(m):
+        for oc in range(o):
+            for ty in range(th):
+                t0 = (b * th + ty) * tw
+                for j in range(6):  # pass 1: S = A^T M down the columns, tile by tile
+                    for tx in range(tw):
+                        t = t0 + tx
+                        s[j, tx], s[6 + j, tx], s[12 + j, tx], s[18 + j, tx] = _at4(
+                            mt[j, oc, t], mt[6 + j, oc, t], mt[12 + j, oc, t],
+                            mt[18 + j, oc, t], mt[24 + j, oc, t], mt[30 + j, oc, t])
+                for i in range(4):  # pass 2: y_t = S A along the rows; the overhang is dropped
+                    r = 4 * ty + i
+                    if r >= ho:
+                        break
+                    for tx in range(tw):
+                        row[4 * tx], row[4 * tx + 1], row[4 * tx + 2], row[4 * tx + 3] = _at4(
+                            s[6 * i, tx], s[6 * i + 1, tx], s[6 * i + 2, tx],
+                            s[6 * i + 3, tx], s[6 * i + 4, tx], s[6 * i + 5, tx])
+                    for q in range(wo):
+                        y[b, oc, r, q] = row[q]
+
+
+def input_tiles4(x, padding, ty0, nt, tw, out=None):
+    """F(4x4, 3x3)'s V (36, C, m nt tw), as ``input_tiles`` (tile rows four pixels apart)."""
+    m, c = x.shape[:2]
+    if out is None:
+        out = np.empty((36, c, m * nt * tw), dtype=x.dtype)
+    _input_tiles4_numba(x, padding[0], padding[1], ty0, nt, tw, out)
+    return out
+
+
+def output_tiles4(mt, th, tw, y):
+    """Fill y (m, O, ho, wo) with F(4x4, 3x3)'s A^T M_t A of the products mt (36, O, m th tw)."""
+    _output_tiles4_numba(np.ascontiguousarray(mt), th, tw, y.shape[2], y.shape[3], y)
+    return y
