@@ -121,11 +121,26 @@ def output_tiles_adjoint_reference(gy, th, tw):
 # code, about as fast as copying the arrays.  (One tile at a time, with the 16 values in a 4x4
 # scratch, was 2-5 times slower.)  One thread, as the im2col loops: a parallel loop was slower
 # here even on two idle cores.
+@njit(cache=True, inline="always")
+def _padded_rows(x, b, ch, r0, pw, cols, d):
+    """d[i] = padded row r0 + i of image b, channel ch (zero outside x; d's columns outside
+    pw .. pw + cols are zero already and stay so)."""
+    h = x.shape[2]
+    for i in range(d.shape[0]):
+        r = r0 + i
+        if 0 <= r < h:
+            for j in range(cols):
+                d[i, pw + j] = x[b, ch, r, j]
+        else:
+            for j in range(cols):
+                d[i, pw + j] = 0
+
+
 @njit(cache=True)
 def _input_tiles_numba(x, ph, pw, ty0, nt, tw, out):
     # Reads the unpadded input: each tile row's four padded rows are copied into a scratch
     # (zeros where they hang over the border), so no padded copy of the whole input is made.
-    m, c, h, w = x.shape
+    m, c, w = x.shape[0], x.shape[1], x.shape[3]
     wp = 2 * tw + 2
     cols = min(w, wp - pw)  # the columns of x that tiles read
     d = np.zeros((4, wp), dtype=x.dtype)
@@ -133,15 +148,7 @@ def _input_tiles_numba(x, ph, pw, ty0, nt, tw, out):
     for b in range(m):
         for ch in range(c):
             for ty in range(nt):
-                r0 = 2 * (ty0 + ty) - ph
-                for i in range(4):  # the padded rows r0 .. r0 + 3 (columns outside stay zero)
-                    r = r0 + i
-                    if 0 <= r < h:
-                        for j in range(cols):
-                            d[i, pw + j] = x[b, ch, r, j]
-                    else:
-                        for j in range(cols):
-                            d[i, pw + j] = 0
+                _padded_rows(x, b, ch, 2 * (ty0 + ty) - ph, pw, cols, d)  # rows r0 .. r0 + 3
                 for q in range(wp):  # pass 1: P = B^T d down the columns, the whole row at once
                     p[0, q] = d[0, q] - d[2, q]
                     p[1, q] = d[1, q] + d[2, q]
@@ -348,7 +355,7 @@ def _at4(m0, m1, m2, m3, m4, m5):
 
 @njit(cache=True)
 def _input_tiles4_numba(x, ph, pw, ty0, nt, tw, out):
-    m, c, h, w = x.shape
+    m, c, w = x.shape[0], x.shape[1], x.shape[3]
     wp = 4 * tw + 2
     cols = min(w, wp - pw)
     d = np.zeros((6, wp), dtype=x.dtype)
@@ -356,15 +363,7 @@ def _input_tiles4_numba(x, ph, pw, ty0, nt, tw, out):
     for b in range(m):
         for ch in range(c):
             for ty in range(nt):
-                r0 = 4 * (ty0 + ty) - ph
-                for i in range(6):  # the padded rows r0 .. r0 + 5 (columns outside stay zero)
-                    r = r0 + i
-                    if 0 <= r < h:
-                        for j in range(cols):
-                            d[i, pw + j] = x[b, ch, r, j]
-                    else:
-                        for j in range(cols):
-                            d[i, pw + j] = 0
+                _padded_rows(x, b, ch, 4 * (ty0 + ty) - ph, pw, cols, d)  # rows r0 .. r0 + 5
                 for q in range(wp):  # pass 1: P = B^T d down the columns, the whole row at once
                     p[0, q], p[1, q], p[2, q], p[3, q], p[4, q], p[5, q] = _bt4(
                         d[0, q], d[1, q], d[2, q], d[3, q], d[4, q], d[5, q])
