@@ -238,7 +238,7 @@ def test_asking_for_winograd_where_it_cannot_run_is_named(rng):
 def test_f4_loops_match_the_reference(rng, dtype, xs, o, padding):
     m, c, h, w = xs
     ho, wo = h + 2 * padding - 2, w + 2 * padding - 2
-    th, tw = K.tile_counts4(ho, wo)
+    th, tw = K.tile_counts(ho, wo, 4)
     x = rng.standard_normal(xs).astype(dtype)
     xpad = np.zeros((m, c, 4 * th + 2, 4 * tw + 2), dtype)
     xpad[:, :, padding:padding + h, padding:padding + w] = x

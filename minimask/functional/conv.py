@@ -75,6 +75,7 @@ import numpy as np
 from ..backend import device_of, get_array_module, is_cupy_array
 from ..kernels.im2col import col2im_rows_add, im2col_rows
 from ..kernels.maxpool import max_pool_backward, max_pool_forward
+from ..kernels.winograd import tile_counts
 from ..tensor import Function
 from . import winograd
 
@@ -379,10 +380,15 @@ METHODS = ("auto", "im2col", "shift", "winograd")
 WINOGRAD4_AUTO = {"min_pixels": 10_000, "max_channels": 256}
 
 
+def _winograd_output(x, padding):
+    """(ho, wo) of a 3x3 stride-1 conv of x, the size Winograd's tiles cover."""
+    return tuple(_out_size(x.shape[2 + a], 3, 1, padding[a], 1, "conv2d") for a in (0, 1))
+
+
 def winograd_tile(recording, x, w_shape, padding):
     """2 or 4: the tile of Winograd's F(m x m, 3x3) that "auto" uses for this conv's forward
     (4 only where no backward follows: F(4x4) has no backward here, and rounds more)."""
-    ho, wo = x.shape[2] + 2 * padding[0] - 2, x.shape[3] + 2 * padding[1] - 2
+    ho, wo = _winograd_output(x, padding)
     big = ho * wo >= WINOGRAD4_AUTO["min_pixels"]
     return 4 if not recording and big and max(x.shape[1], w_shape[0]) <= WINOGRAD4_AUTO["max_channels"] else 2
 
@@ -400,8 +406,8 @@ def uses_winograd(method, x, w_shape, stride, padding, dilation, product="forwar
         return True
     if method != "auto" or not fits or is_cupy_array(x):
         return False
-    n, _, h, wd = x.shape
-    tiles = n * ((h + 2 * padding[0] - 1) // 2) * ((wd + 2 * padding[1] - 1) // 2)
+    th, tw = tile_counts(*_winograd_output(x, padding))
+    tiles = x.shape[0] * th * tw
     channels, work = WINOGRAD_AUTO[product]
     narrower = min(x.shape[1], w_shape[0])
     return narrower >= channels and tiles * narrower >= work

@@ -63,7 +63,8 @@ MIN_CHUNK_TILES = 512
 
 
 def applies(w_shape, stride, padding, dilation):
-    """Whether F(2x2, 3x3) computes this convolution: a 3x3 kernel, stride 1, no dilation."""
+    """Whether Winograd's F(m x m, 3x3) computes this convolution: a 3x3 kernel, stride 1, no
+    dilation, padding at most 2."""
     return tuple(w_shape[2:]) == (3, 3) and tuple(stride) == (1, 1) and tuple(dilation) == (1, 1) \
         and max(padding) <= 2
 
@@ -99,7 +100,7 @@ class _Tiling:
         if self.ho < 1 or self.wo < 1:
             raise ValueError(f"conv2d: input size {self.h}x{self.w} with padding {padding} is "
                              f"smaller than the 3x3 kernel: the output would be empty")
-        self.th, self.tw = -(-self.ho // m), -(-self.wo // m)
+        self.th, self.tw = tiles.tile_counts(self.ho, self.wo, m)
 
     def chunks(self, itemsize):
         """(n0, n1, ty0, ty1): images n0:n1, tile rows ty0:ty1, V and M within the budget but

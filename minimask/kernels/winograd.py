@@ -1,4 +1,5 @@
-"""The tile transforms of Winograd's minimal filtering F(2x2, 3x3), as NumPy and as Numba loops.
+"""The tile transforms of Winograd's minimal filtering, F(2x2, 3x3) (section 2, with their
+adjoints) and F(4x4, 3x3) (section 3, forward only), as NumPy and as Numba loops.
 
 ``functional/winograd.py`` explains the algorithm (Lavin and Gray, 2016): a 3x3 stride-1
 convolution computed on 4x4 input tiles d, two pixels apart, as
@@ -42,21 +43,19 @@ AT = np.array([[1, 1, 1, 0],
                [0, 1, -1, -1]], dtype=np.float64)
 
 
-def tile_counts(ho, wo):
-    """(th, tw): 2x2 output tiles covering an ho x wo output (the last row / column of tiles
-    hangs over by one where ho / wo is odd; those outputs are computed and dropped)."""
-    return (ho + 1) // 2, (wo + 1) // 2
+def tile_counts(ho, wo, m=2):
+    """(th, tw): m x m output tiles covering an ho x wo output (the last row / column of tiles
+    hangs over where m does not divide ho / wo; those outputs are computed and dropped)."""
+    return -(-ho // m), -(-wo // m)
 
 
 def padded_tiles(x, padding, th, tw):
     """x (m, C, H, W) zero-padded to (m, C, 2 th + 2, 2 tw + 2): ``padding`` zeros on top and
-    left, the rest on the bottom and right (cut where x is larger than its tiles need)."""
+    left, the rest on the bottom and right (what the references read; the loops pad as they go)."""
     m, c, h, w = x.shape
     ph, pw = padding
-    hp, wp = 2 * th + 2, 2 * tw + 2
-    out = get_array_module(x).zeros((m, c, hp, wp), dtype=x.dtype)
-    hh, ww = min(h, hp - ph), min(w, wp - pw)
-    out[:, :, ph:ph + hh, pw:pw + ww] = x[:, :, :hh, :ww]
+    out = get_array_module(x).zeros((m, c, 2 * th + 2, 2 * tw + 2), dtype=x.dtype)
+    out[:, :, ph:ph + h, pw:pw + w] = x
     return out
 
 
@@ -309,11 +308,6 @@ AT4 = np.array([[1, 1, 1, 1, 1, 0],
                 [0, 1, -1, 2, -2, 0],
                 [0, 1, 1, 4, 4, 0],
                 [0, 1, -1, 8, -8, 1]], dtype=np.float64)
-
-
-def tile_counts4(ho, wo):
-    """(th, tw): 4x4 output tiles covering an ho x wo output (the last ones may hang over)."""
-    return -(-ho // 4), -(-wo // 4)
 
 
 def input_tiles4_reference(xpad, th, tw):

@@ -191,7 +191,7 @@ def folds_into_conv(conv, x_shape):
     against about N H W / stride^2 outputs)."""
     n, _, h, w = x_shape
     c, kh, kw = conv.weight.shape[1:]
-    (sh, sw) = conv.stride
+    sh, sw = conv.stride
     return c * kh * kw <= n * -(-h // sh) * -(-w // sw)
 
 
