@@ -42,6 +42,13 @@ def is_grad_enabled():
     return _grad_enabled
 
 
+def records(*inputs):
+    """Whether a Function called on ``inputs`` now would be recorded for backward: gradients
+    are on and some input is a Tensor that wants one (the rule ``Function.__call__`` applies;
+    a fused inference path asks it before choosing)."""
+    return _grad_enabled and any(isinstance(x, Tensor) and x.requires_grad for x in inputs)
+
+
 def _as_array(data, dtype=None):
     """Array from data; Python floats and lists become float32, arrays keep their dtype."""
     if isinstance(data, Tensor):
@@ -315,7 +322,7 @@ class Function:
 
     def __call__(self, *inputs):
         tensors = [x if isinstance(x, Tensor) else Tensor(x) for x in inputs]
-        needs_grad = _grad_enabled and any(t.requires_grad for t in tensors)
+        needs_grad = records(*tensors)
         self.recording = needs_grad
         outs = self.forward(*[t.data for t in tensors])
         single = not isinstance(outs, tuple)

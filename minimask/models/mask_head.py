@@ -62,7 +62,7 @@ class MaskHead(nn.Module):
 
     def forward(self, x):
         for i in range(1, self.num_convs + 1):
-            x = F.relu(getattr(self, f"mask_fcn{i}")(x))
+            x = nn.conv_relu(getattr(self, f"mask_fcn{i}"), x)  # relu(conv(x))
         return x
 
 

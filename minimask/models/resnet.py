@@ -59,9 +59,9 @@ class BasicBlock(nn.Module):
         self.downsample = _shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x):
-        y = F.relu(nn.conv_norm(self.conv1, self.bn1, x))
-        y = nn.conv_norm(self.conv2, self.bn2, y)
-        return F.add_relu(y, _shortcut_of(self, x))  # relu(y + shortcut) in one pass
+        y = nn.conv_norm(self.conv1, self.bn1, x, relu=True)
+        # relu(bn2(conv2(y)) + shortcut), at inference in one pass after the conv
+        return nn.conv_norm(self.conv2, self.bn2, y, relu=True, residual=_shortcut_of(self, x))
 
 
 class Bottleneck(nn.Module):
@@ -84,10 +84,10 @@ class Bottleneck(nn.Module):
         self.downsample = _shortcut(in_channels, out_channels, stride, norm)
 
     def forward(self, x):
-        y = F.relu(nn.conv_norm(self.conv1, self.bn1, x))
-        y = F.relu(nn.conv_norm(self.conv2, self.bn2, y))
-        y = nn.conv_norm(self.conv3, self.bn3, y)
-        return F.add_relu(y, _shortcut_of(self, x))  # relu(y + shortcut) in one pass
+        y = nn.conv_norm(self.conv1, self.bn1, x, relu=True)
+        y = nn.conv_norm(self.conv2, self.bn2, y, relu=True)
+        # relu(bn3(conv3(y)) + shortcut), at inference in one pass after the conv
+        return nn.conv_norm(self.conv3, self.bn3, y, relu=True, residual=_shortcut_of(self, x))
 
 
 def _shortcut_of(block, x):
@@ -178,7 +178,7 @@ class ResNet(nn.Module):
                 p.requires_grad = False
 
     def forward(self, x):
-        x = self.maxpool(F.relu(nn.conv_norm(self.conv1, self.bn1, x)))
+        x = self.maxpool(nn.conv_norm(self.conv1, self.bn1, x, relu=True))
         features = []
         for s in range(1, 5):
             x = getattr(self, f"layer{s}")(x)

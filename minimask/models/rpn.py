@@ -78,7 +78,7 @@ class RPNHead(nn.Module):
     def forward(self, features):
         objectness, deltas = [], []
         for x in features:
-            t = F.relu(self.conv(x))
+            t = nn.conv_relu(self.conv, x)  # relu(conv(x)), one pass after the GEMM at inference
             objectness.append(self.cls_logits(t))
             deltas.append(self.bbox_pred(t))
         return objectness, deltas

@@ -14,6 +14,7 @@ from .layers import (
            MaxPool2d,
            ReLU,
            conv_norm,
+           conv_relu,
 )
 from .module import (
            Module,
@@ -27,5 +28,5 @@ from .module import (
 )
 
 __all__ = ["Module", "Parameter", "Sequential", "ModuleList", "Conv2d", "ConvTranspose2d", "Linear",
-           "BatchNorm2d", "FrozenBatchNorm2d", "conv_norm", "ReLU", "MaxPool2d", "init", "save_npz",
+           "BatchNorm2d", "FrozenBatchNorm2d", "conv_norm", "conv_relu", "ReLU", "MaxPool2d", "init", "save_npz",
            "load_npz", "atomic_write", "state_dict_problems"]

@@ -159,8 +159,18 @@ class FrozenBatchNorm2d(Module):
         return f"{self.num_features}, eps={self.eps}"
 
 
-def conv_norm(conv, norm, x):
-    """norm(conv(x)), with the norm folded into the conv's weights when it is a constant map.
+def conv_relu(conv, x):
+    """relu(conv(x)) for a ``Conv2d``: at inference the bias and ReLU are one pass over the
+    conv's output (``F.conv2d_relu``)."""
+    return F.conv2d_relu(x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding,
+                         dilation=conv.dilation)
+
+
+def conv_norm(conv, norm, x, relu=False, residual=None):
+    """norm(conv(x)), with the norm folded into the conv's weights when it is a constant map;
+    with ``relu=True``, relu(norm(conv(x)) + residual) (residual optional: the end of a ResNet
+    block), and then at inference, with the norm folded, the shift, the residual and the ReLU
+    are one pass over the conv's output (``F.conv2d_relu``).
 
     A frozen batch norm (always) or a batch norm in eval mode (outside training, no gradient
     for its weight and bias) is y = scale * z + shift per channel, and z = w * x + b is linear,
@@ -174,15 +184,26 @@ def conv_norm(conv, norm, x):
     scaling them costs more than scaling the output, so the constant map is applied after the
     conv instead (``folds_into_conv``).  Otherwise (batch statistics in training) the two
     layers run one after the other."""
+    if residual is not None and not relu:
+        raise ValueError("conv_norm: a residual is added before the ReLU; pass relu=True with it")
     affine = norm.fixed_affine() if isinstance(conv, Conv2d) else None
     if affine is None:
-        return norm(conv(x))
+        return _then_relu(norm(conv(x)), relu, residual)
     scale, shift = (a.astype(conv.weight.dtype) for a in affine)
     if not folds_into_conv(conv, x.shape):
-        return F.channel_affine(conv(x), scale, shift)
+        return _then_relu(F.channel_affine(conv(x), scale, shift), relu, residual)
     weight = conv.weight * scale.reshape(-1, 1, 1, 1)
     bias = shift if conv.bias is None else conv.bias * scale + shift
-    return F.conv2d(x, weight, bias, stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
+    if relu:
+        return F.conv2d_relu(x, weight, bias, residual, **geometry)
+    return F.conv2d(x, weight, bias, **geometry)
+
+
+def _then_relu(y, relu, residual):
+    if not relu:
+        return y
+    return F.relu(y) if residual is None else F.add_relu(y, residual)
 
 
 def folds_into_conv(conv, x_shape):
