@@ -18,8 +18,8 @@ __all__ = [
     "abs", "add", "cast", "div", "exp", "log", "matmul", "mean", "mul", "neg", "pow", "sqrt", "sub", "sum",
     "cat", "concat", "flatten", "getitem", "pad2d", "permute", "reshape", "stack", "transpose",
     "relu", "add_relu", "sigmoid", "softmax", "log_softmax", "linear",
-    "conv2d", "conv2d_relu", "conv_transpose2d", "max_pool2d", "batch_norm", "batch_norm_affine", "channel_affine",
-    "frozen_batch_norm",
+    "conv2d", "conv2d_relu", "conv_transpose2d", "max_pool2d",
+    "batch_norm", "batch_norm_affine", "channel_affine", "frozen_batch_norm",
     "interpolate",
     "cross_entropy", "binary_cross_entropy_with_logits", "smooth_l1_loss", "roi_align", "roi_pool",
 ]

@@ -24,7 +24,6 @@ or COCO checkpoint maps onto ours key by key.
 
 import functools
 
-from .. import functional as F
 from .. import nn
 
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3), 50: (3, 4, 6, 3), 101: (3, 4, 23, 3)}

@@ -28,5 +28,5 @@ from .module import (
 )
 
 __all__ = ["Module", "Parameter", "Sequential", "ModuleList", "Conv2d", "ConvTranspose2d", "Linear",
-           "BatchNorm2d", "FrozenBatchNorm2d", "conv_norm", "conv_relu", "ReLU", "MaxPool2d", "init", "save_npz",
-           "load_npz", "atomic_write", "state_dict_problems"]
+           "BatchNorm2d", "FrozenBatchNorm2d", "conv_norm", "conv_relu", "ReLU", "MaxPool2d", "init",
+           "save_npz", "load_npz", "atomic_write", "state_dict_problems"]
