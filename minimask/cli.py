@@ -363,6 +363,9 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .backend import keep_freed_memory
+
+    keep_freed_memory()  # large arrays reuse freed memory instead of fresh pages (backend.py)
     if getattr(args, "tf32", False):
         # CuPy reads CUPY_TF32 when it is imported: set it before anything imports CuPy.
         os.environ["CUPY_TF32"] = "1"

@@ -4,6 +4,9 @@ the models).  Also the drawings of ``viz`` that ``predict`` writes."""
 
 import json
 import os
+import platform
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -218,3 +221,30 @@ def test_ctrl_c_outside_the_training_loop_is_one_line_and_130(shapes, tmp_path, 
     monkeypatch.setattr(engine.Predictor, "from_checkpoint", loaded)
     assert main(["eval", "--checkpoint", "c.npz", "--ann", shapes[1]]) == 130
     assert capsys.readouterr().err == "minimask eval: interrupted\n"
+
+
+_REUSE = """
+import numpy as np, resource, sys
+from minimask.backend import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+for _ in range(3):
+    a = np.ones(2**22); del a  # 32 MB, allocated and freed
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(20):
+    a = np.ones(2**22); del a
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc",
+                    reason="keep_freed_memory tunes glibc's malloc; this is not Linux with glibc")
+def test_keep_freed_memory_reuses_large_arrays_without_page_faults():
+    """What the CLI sets at start-up (backend.keep_freed_memory): a freed 32 MB array's memory
+    serves the next one, where by default each is fresh pages, a page fault per 4 KB (each
+    setting in a process of its own: it lasts for the process)."""
+    def faults(mode):
+        out = subprocess.run([sys.executable, "-c", _REUSE, mode], capture_output=True, text=True, check=True)
+        return int(out.stdout)
+    assert faults("keep") < 20  # fewer than one per array
+    assert faults("default") >= 20  # at least one per fresh array (many more with 4 KB pages)
