@@ -406,7 +406,10 @@ def test_every_gradient_agrees(results, dtype):
     name, r = results
     errors = _report(name, dtype, r[dtype])
     worst = max(errors, key=errors.get)
-    tol = {"float32": 1e-4, "float64": 1e-9}[dtype]
+    # float64 is the proof (1e-9); float32 only shows rounding.  With this CI's torch, the
+    # r50_fpn mask head's bias gradients (sums over every RoI pixel) came out at 1.3-1.4e-4 on
+    # the commit before the conv epilogue as after it, so 1e-4 was too tight for rounding alone.
+    tol = {"float32": 3e-4, "float64": 1e-9}[dtype]
     assert errors[worst] <= tol, f"{name} {dtype}: worst gradient {worst}, relative error {errors[worst]:.2e}"
 
 
