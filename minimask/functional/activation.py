@@ -111,9 +111,9 @@ class LogSoftmax(Function):
         return gy - xp.exp(self.y) * gy.sum(axis=self.axis, keepdims=True)
 
 
-def add_relu(a, b):
-    """max(a + b, 0) in one step (see ``AddReLU``)."""
-    return AddReLU()(a, b)
+def add_relu(a, b=None):
+    """max(a + b, 0) in one step (see ``AddReLU``); relu(a) when b is None."""
+    return ReLU()(a) if b is None else AddReLU()(a, b)
 
 
 def relu(x):

@@ -73,13 +73,13 @@ import contextlib
 import numpy as np
 
 from ..backend import device_of, get_array_module, is_cupy_array
-from ..kernels.epilogue import bias_relu_
+from ..kernels.epilogue import bias_relu_, epilogue_reference
 from ..kernels.im2col import col2im_rows_add, im2col_rows
 from ..kernels.maxpool import max_pool_backward, max_pool_forward
 from ..kernels.winograd import tile_counts
-from ..tensor import Function, Tensor, records
+from ..tensor import Function, Tensor, as_tensor, records
 from . import winograd
-from .activation import add_relu, relu
+from .activation import add_relu
 
 
 # ---- argument checks ----------------------------------------------------------------------
@@ -551,28 +551,19 @@ def conv2d_relu(x, w, b=None, residual=None, stride=1, padding=0, dilation=1):
     ``add_relu``, each with its backward.  At inference on the CPU the bias, the residual and
     the ReLU are one in-place pass over the conv's fresh output (``kernels/epilogue.py``)
     instead of three passes and two new arrays: the same numbers to the bit."""
-    # Anything unusual (a bias or residual of another dtype or shape, which conv2d and
-    # add_relu report or broadcast) takes the unfused ops too.
-    fusable = (not records(x, w, b, residual) and not is_cupy_array(_data(x))
+    # A bias of another dtype or shape (conv2d's error) or a residual of another dtype takes
+    # the unfused ops; a residual that broadcasts is added by the NumPy steps.
+    fusable = (not records(x, w, b, residual) and not is_cupy_array(as_tensor(x).data)
                and (b is None or (b.dtype == x.dtype and tuple(b.shape) == (w.shape[0],)))
-               and (residual is None or (residual.dtype == x.dtype and tuple(residual.shape)
-                                         == _conv_out_shape(x, w, stride, padding, dilation))))
+               and (residual is None or residual.dtype == x.dtype))
     if not fusable:
-        y = conv2d(x, w, b, stride, padding, dilation)
-        return relu(y) if residual is None else add_relu(y, residual)
+        return add_relu(conv2d(x, w, b, stride, padding, dilation), residual)
     y = conv2d(x, w, None, stride, padding, dilation)
-    bias_relu_(y.data, None if b is None else _data(b), None if residual is None else _data(residual))
+    b, r = (None if a is None else as_tensor(a).data for a in (b, residual))
+    if r is not None and r.shape != y.shape:
+        return Tensor(epilogue_reference(y.data, b, r))
+    bias_relu_(y.data, b, r)
     return y
-
-
-def _data(a):
-    return a.data if isinstance(a, Tensor) else a
-
-
-def _conv_out_shape(x, w, stride, padding, dilation):
-    g = ConvGeometry(x.shape[2:], w.shape[2:], _pair(stride, "conv2d: stride", 1),
-                     _pair(padding, "conv2d: padding", 0), _pair(dilation, "conv2d: dilation", 1))
-    return (x.shape[0], w.shape[0], g.ho, g.wo)
 
 
 # ---- conv_transpose2d ----------------------------------------------------------------------

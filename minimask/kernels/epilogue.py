@@ -6,8 +6,8 @@ take the ReLU.  Written as separate ops each is a full pass over the conv's outp
 ones that make a new array (``a + b``, ``maximum(x, 0)``) also get fresh memory from the
 system, which is zeroed page by page.  On the large maps of ``r50_fpn`` these passes are
 memory-bound: for res2's 256 x 200 x 272 output (56 MB) "bias, then add the shortcut, then
-ReLU" costs about four times as much as the loop below, which reads y (and r) once and writes
-y once (``minimask bench ops`` times both).
+ReLU" cost about four times as much as the loop below, which reads y (and r) once and writes
+y once (measured on 2 cores; the numbers are in issue 15's notes).
 
 Only at inference (``functional/conv.py``'s ``conv2d_relu`` when nothing is recorded):
 training needs ReLU's mask and keeps the separate ops.  The conv's output is a fresh array
@@ -19,8 +19,7 @@ that nobody else holds, so it can be overwritten.
                          as one Numba loop over y in place: the same bits
 
 One thread, as the im2col loops (``kernels/im2col.py``): the pass is memory-bound, and a
-second thread gained little here (measured on 2 cores: 4.7 against 6.7 ms for res2's output)
-while adding a barrier per call.
+second thread gained little here while adding a barrier per call.
 """
 
 import numpy as np

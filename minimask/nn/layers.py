@@ -201,9 +201,7 @@ def conv_norm(conv, norm, x, relu=False, residual=None):
 
 
 def _then_relu(y, relu, residual):
-    if not relu:
-        return y
-    return F.relu(y) if residual is None else F.add_relu(y, residual)
+    return F.add_relu(y, residual) if relu else y
 
 
 def folds_into_conv(conv, x_shape):
