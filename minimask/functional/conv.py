@@ -364,22 +364,24 @@ def _record(kind, x_shape, w_shape, stride, padding, dilation, g, out_shape, dty
 # channels and at least this much work, counted as 2x2 output tiles times the narrower channel
 # count (per product: "forward", and "backward" for its two).  Narrower or smaller convs lose:
 # their 16 GEMMs have a short inner dimension and few columns, and the tile transforms cost
-# about as much as the products save.  Measured on a 2-core AVX-512 machine, interleaved with
+# about as much as the products save.  Measured on a 2-core AMD EPYC machine, interleaved with
 # im2col (the numbers are in the issue notes): r50_fpn's convs of 128 to 256 channels on its
 # larger maps took 0.6 to 0.75 of im2col's time forward and 0.73 to 0.92 backward, its
-# 64-channel ones 0.7 to 0.93 forward but 1.09 backward; the shapes model's biggest, 64
-# channels on 4 images of 32x32 (65k by this count), gained 5-8% inside a training step, too
-# little for a change of arithmetic in the preset's schedule, so it stays on im2col, bit for bit.
-WINOGRAD_AUTO = {"forward": (64, 200_000), "backward": (128, 200_000)}  # (channels, tiles x channels)
+# 64-channel ones 0.7 to 0.93 forward but 1.09 backward, its C5 (512 channels on 25x34, 113k
+# by this count) 0.9 forward; the shapes model's biggest, 64 channels on 4 images of 32x32
+# (65k), gained 5-8% inside a training step, too little for a change of arithmetic in the
+# preset's schedule, so it stays on im2col, bit for bit.
+WINOGRAD_AUTO = {"forward": (64, 100_000), "backward": (128, 200_000)}  # (channels, tiles x channels)
 METHODS = ("auto", "im2col", "shift", "winograd")
 
 # When no gradient will be taken (inference), "auto" uses the bigger tiles of F(4x4, 3x3) on
 # large maps: at least this many output pixels per image, with at most this many channels
 # (its transformed filters are 36 O C numbers, rebuilt on each call).  Measured forward, two
 # BLAS threads, against F(2x2, 3x3): 0.42 against 0.64 of im2col's time on r50_fpn's P2
-# (256 channels, 200x267), 0.57 / 0.73 on C3 (128, 100x134), level on 50x67 maps, and slower
-# on 14x14 RoIs and 512 channels.
-WINOGRAD4_AUTO = {"min_pixels": 10_000, "max_channels": 256}
+# (256 channels, 200x267), 0.57 / 0.73 on C3 (128, 100x134), 0.56 / 0.62 on C4 and P4 (256,
+# 50x68, after the float32 transforms of kernels/winograd.py), and slower on 25x34 maps, on
+# 14x14 RoIs and with 512 channels.
+WINOGRAD4_AUTO = {"min_pixels": 3_000, "max_channels": 256}
 
 
 def _winograd_output(x, padding):
