@@ -160,6 +160,24 @@ def test_conv2d_in_chunks(columns, rng, monkeypatch, budget, stride):
     assert gradcheck(lambda x, w: conv_transpose2d(x, w, stride=stride, padding=1), [xt, wt])
 
 
+def test_bands_are_written_into_the_output_directly(rng, monkeypatch):
+    """A band of one image's output rows is GEMM'd straight into a strided view of y: the same
+    bits as each band's product computed on its own (float32)."""
+    monkeypatch.setitem(CHUNK_BYTES, "cpu", 3000)
+    monkeypatch.setitem(MIN_GEMM_COLUMNS, "cpu", 0)
+    x = rng.standard_normal((2, 5, 12, 9)).astype(np.float32)
+    w = rng.standard_normal((7, 5, 3, 3)).astype(np.float32)
+    one = (1, 1)
+    g = conv_module.ConvGeometry(x.shape[2:], w.shape[2:], one, one, one)
+    chunks = list(conv_module.column_chunks(2, g, 5, 4, "cpu"))
+    assert all(n1 - n0 == 1 for n0, n1, _, _ in chunks) and len(chunks) > 2  # bands, not images
+    expected = np.empty((2, 7, 12, 9), np.float32)
+    for n0, n1, u0, u1 in chunks:
+        cols = im2col(x[n0:n1], (3, 3), one, one)[0][:, u0 * 9:u1 * 9]
+        expected[n0, :, u0:u1] = (w.reshape(7, -1) @ cols).reshape(7, u1 - u0, 9)
+    np.testing.assert_array_equal(conv_module.conv_forward(x, w, one, one, one), expected)
+
+
 @pytest.mark.parametrize("budget", [2000, 2 * 2**20])  # bands of rows; whole images
 def test_column_loops_and_slices_give_the_same_bits(rng, monkeypatch, budget):
     """The Numba loops only copy and add in the slice copies' order: float32 results are identical."""

@@ -283,6 +283,9 @@ def conv_forward(x, w, stride, padding, dilation):
         cols = columns(n0, n1, u0, u1)
         if u1 - u0 == g.ho:  # whole images: the GEMM writes straight into y
             xp.matmul(w2, cols, out=y[n0:n1].reshape(n1 - n0, o, g.ho * g.wo))
+        elif n1 - n0 == 1 and xp is np:  # a band of one image's rows: (O, band pixels), a strided
+            # view of y (its rows g.ho * g.wo apart) that BLAS writes directly, with no copy
+            xp.matmul(w2, cols[0], out=y[n0].reshape(o, g.ho * g.wo)[:, u0 * g.wo:u1 * g.wo])
         else:
             y[n0:n1, :, u0:u1] = (w2 @ cols).reshape(n1 - n0, o, u1 - u0, g.wo)
     return y
