@@ -16,7 +16,7 @@ so a torchvision or Detectron2 checkpoint maps onto ours key by key:
 import numpy as np
 
 from .. import functional as F
-from ..tensor import is_grad_enabled
+from ..tensor import is_grad_enabled, records
 from . import init
 from .module import Module, Parameter
 
@@ -192,8 +192,12 @@ def conv_norm(conv, norm, x, relu=False, residual=None):
     scale, shift = (a.astype(conv.weight.dtype) for a in affine)
     if not folds_into_conv(conv, x.shape):
         return _then_relu(F.channel_affine(conv(x), scale, shift), relu, residual)
-    weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-    bias = shift if conv.bias is None else conv.bias * scale + shift
+    if records(conv.weight, conv.bias):  # a trainable conv: the scaling is recorded
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
+        bias = shift if conv.bias is None else conv.bias * scale + shift
+    else:  # nothing to record: the same products on the arrays, without the autograd's calls
+        weight = conv.weight.data * scale.reshape(-1, 1, 1, 1)
+        bias = shift if conv.bias is None else conv.bias.data * scale + shift
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     if relu:
         return F.conv2d_relu(x, weight, bias, residual, **geometry)
