@@ -336,10 +336,10 @@ def output_tiles4_reference(mt, m, th, tw, ho, wo):
 #     A^T (m0..m5) = (m0 + m1 + m2 + m3 + m4,  m1 - m2 + 2 m3 - 2 m4,
 #                     m1 + m2 + 4 m3 + 4 m4,  m1 - m2 + 8 m3 - 8 m4 + m5)
 # with the sums the rows share computed once (rows 1 and 2 of B^T are t0 + t1 and t0 - t1 for
-# t0 = d4 - 4 d2, t1 = d3 - 4 d1; rows 3 and 4 likewise), as Lavin and Gray's implementation
-# does.  The constants are float32: in Numba an integer literal times a float32 is a float64,
-# and with plain 4, 5, 2, 8 every F(4x4) transform ran in double precision with a conversion
-# at each end, about three times slower (float64 arrays stay float64 either way).
+# t0 = d4 - 4 d2, t1 = d3 - 4 d1; rows 3 and 4 likewise).  The constants are float32: in
+# Numba an integer literal times a float32 is a float64, and with plain 4, 5, 2, 8 every
+# F(4x4) transform of float32 arrays ran in double precision, with a conversion at each end
+# (float64 arrays stay float64 either way).
 @njit(cache=True, inline="always")
 def _bt4(d0, d1, d2, d3, d4, d5):
     two, four, five = np.float32(2), np.float32(4), np.float32(5)
