@@ -192,12 +192,11 @@ def conv_norm(conv, norm, x, relu=False, residual=None):
     scale, shift = (a.astype(conv.weight.dtype) for a in affine)
     if not folds_into_conv(conv, x.shape):
         return _then_relu(F.channel_affine(conv(x), scale, shift), relu, residual)
-    if records(conv.weight, conv.bias):  # a trainable conv: the scaling is recorded
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1)
-        bias = shift if conv.bias is None else conv.bias * scale + shift
-    else:  # nothing to record: the same products on the arrays, without the autograd's calls
-        weight = conv.weight.data * scale.reshape(-1, 1, 1, 1)
-        bias = shift if conv.bias is None else conv.bias.data * scale + shift
+    weight, bias = conv.weight, conv.bias
+    if not records(weight, bias):  # nothing to record: the same products on the arrays
+        weight, bias = weight.data, None if bias is None else bias.data
+    weight = weight * scale.reshape(-1, 1, 1, 1)
+    bias = shift if bias is None else bias * scale + shift
     geometry = dict(stride=conv.stride, padding=conv.padding, dilation=conv.dilation)
     if relu:
         return F.conv2d_relu(x, weight, bias, residual, **geometry)
