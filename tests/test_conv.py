@@ -374,6 +374,11 @@ def test_max_pool2d_values_only_is_the_same_bits(rng, xs, kernel, stride, paddin
     np.testing.assert_array_equal(np.signbit(values), np.signbit(with_arg))
     np.testing.assert_array_equal(values, with_arg)
     assert np.isnan(with_arg).any() and not np.isnan(with_arg).all()  # the case is exercised
+    x = distinct(rng, xs).astype(np.float32)  # and, without NaN, the plain loop's values
+    with no_grad():
+        values = max_pool2d(Tensor(x), kernel, stride, padding).data
+    ref, _ = loop_max_pool2d(x, np.zeros(values.shape), kernel, kernel if stride is None else stride, padding)
+    np.testing.assert_array_equal(values, ref)
 
 
 def test_max_pool2d_bad_padding_is_named():
